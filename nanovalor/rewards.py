@@ -2,6 +2,7 @@
 
 (Being built; see issue 3.)
 """
+from nanovalor.nlg import clean_report  # noqa: F401  (the shared text normaliser, re-exported)
 
 # The 14 CheXpert observations, in the order CheXpert, CheXbert and f1chexbert use (stanfordmlgroup/CheXbert
 # src/constants.py). Label vectors throughout nanovalor follow this order.
