@@ -1,0 +1,139 @@
+"""GRPO for VALOR: group advantages, the clipped + KL policy loss, and rollout assembly.
+
+The objective is DeepSeekMath's GRPO (arXiv 2402.03300, eq. 3) with the per-token clipped importance ratio of PPO
+and a KL penalty to a frozen reference policy:
+
+    L = agg_{i,t} [ -min(r_it A_i, clip(r_it, 1 - eps_low, 1 + eps_high) A_i) + beta * KL_it ],
+    r_it = pi(o_it | q, o_i<t) / pi_old(o_it | q, o_i<t)
+
+Choices that are ours, where the VALOR paper (arXiv 2512.16201; only its abstract is public) is silent:
+- group size G = 8; eps_low = eps_high = 0.2 (eps_high > eps_low is DAPO's "clip-higher", arXiv 2503.14476);
+- KL with Schulman's k3 estimator exp(d) - d - 1, d = log pi_ref - log pi, beta = 0.01 (beta = 0 drops the
+  reference model); k1 and k2 available;
+- mu = 1 optimisation pass per rollout batch, so pi_old is the sampling policy and the first-pass ratio is 1;
+- aggregation "token_mean" over the whole global batch (DAPO), with "seq_mean_token_mean" (the original GRPO) and
+  "seq_mean_token_sum_norm" (Dr.GRPO, arXiv 2503.20783: sum over tokens / (sequences * max length));
+- advantages: group z-score with the unbiased std + 1e-6 for the text stage (verl's convention; TRL adds 1e-4);
+  for the visual stage, ranks mapped to [-1, 1] (the abstract says "rank-normalized"; the mapping is ours),
+  optionally plus lambda times the text advantage (lambda = 0 by default).
+
+Nothing here runs on its own; `python -m pytest -q tests/test_grpo.py` checks every formula on hand numbers.
+"""
+import torch
+
+# -----------------------------------------------------------------------------
+# Advantages: rewards (B, G) -> advantages (B, G), one row per prompt group.
+
+
+def zscore(r, eps=1e-6):
+    """(r - mean) / (std + eps), std unbiased. An all-equal group gets 0."""
+    return (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)
+
+
+def mean_only(r):
+    """Dr.GRPO: r - mean, no division by std (which up-weights near-constant groups)."""
+    return r - r.mean(1, keepdim=True)
+
+
+def rloo(r):
+    """Leave-one-out baseline: r_i - mean_{j != i} r_j = G / (G - 1) * (r_i - mean)."""
+    G = r.shape[1]
+    return G / (G - 1) * (r - r.mean(1, keepdim=True))
+
+
+def rank(r):
+    """A_i = 2 * rank_i / (G - 1) - 1 with 0-based ranks in ascending reward, ties given their average rank.
+    Spans [-1, 1], sums to 0, ignores the reward's scale (the expert's similarities are uncalibrated), and an
+    all-tied group gets 0 everywhere."""
+    G = r.shape[1]
+    below = (r.unsqueeze(2) > r.unsqueeze(1)).sum(2)  # (B, G): how many rewards are strictly smaller
+    ties = (r.unsqueeze(2) == r.unsqueeze(1)).sum(2)  # (B, G): group members with an equal reward, self included
+    avg_rank = below + (ties - 1) / 2
+    return 2 * avg_rank / (G - 1) - 1
+
+
+ADVANTAGES = {"zscore": zscore, "mean_only": mean_only, "rloo": rloo, "rank": rank}
+
+
+def group_advantages(rewards, kind="zscore", text_rewards=None, text_weight=0.0):
+    """rewards (B, G) -> advantages (B, G) of the given kind. The visual stage may add text_weight times the z-scored
+    text rewards (B, G) to its rank advantages (A = A_rank + lambda * A_text)."""
+    if kind not in ADVANTAGES:
+        raise ValueError(f"advantage kind {kind!r}: expected one of {sorted(ADVANTAGES)}")
+    if rewards.ndim != 2 or rewards.shape[1] < 2:
+        raise ValueError(f"rewards must be (B, G) with G >= 2 samples per group, got shape {tuple(rewards.shape)}")
+    adv = ADVANTAGES[kind](rewards.double()).float()
+    if text_weight:
+        adv = adv + text_weight * zscore(text_rewards.double()).float()
+    return adv
+
+
+# -----------------------------------------------------------------------------
+# The policy loss over completion tokens. Every tensor is (N, T): N sequences, T completion positions; mask marks
+# the real completion tokens (EOS included, padding excluded).
+
+
+def kl_estimate(logp, ref_logp, kind="k3"):
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi (http://joschu.net/blog/kl-approx.html)."""
+    d = ref_logp - logp  # log(pi_ref / pi)
+    if kind == "k1":
+        return -d
+    if kind == "k2":
+        return 0.5 * d * d
+    if kind == "k3":
+        return torch.expm1(d) - d  # exp(d) - 1 - d, >= 0, unbiased, low variance
+    raise ValueError(f"kl estimator {kind!r}: expected 'k1', 'k2' or 'k3'")
+
+
+def policy_loss(logp, old_logp, ref_logp, advantages, mask, *, eps_low=0.2, eps_high=0.2, beta=0.01, kl="k3",
+                agg="token_mean", total_tokens=None, total_seqs=None, max_len=None, entropy=None):
+    """The GRPO loss of one micro-batch, normalised so that summing it over the micro-batches (and ranks) of a global
+    batch gives the loss of the whole batch.
+
+    logp (N, T) requires grad; old_logp, ref_logp (N, T) do not (ref_logp may be None when beta == 0);
+    advantages (N,); mask (N, T) bool. total_tokens / total_seqs are the valid-token and sequence counts of the
+    *global* batch (all micro-batches, all ranks): they default to this call's own counts. max_len is the
+    completion budget for "seq_mean_token_sum_norm". entropy (N, T), optional, is only logged.
+    Returns (loss, stats) with stats averaged over this call's valid tokens.
+    """
+    mask = mask.bool()
+    # Log-ratios only where the token is real: padding may hold -inf or garbage log-probs, and inf * 0 = nan (a pain
+    # point of several GRPO codebases). Zeroing them first with torch.where keeps every later value finite and the
+    # gradient at padded positions exactly 0.
+    logp = torch.where(mask, logp, 0.0)
+    old_logp = torch.where(mask, old_logp, 0.0)
+    ratio = torch.exp(logp - old_logp)
+    A = advantages.view(-1, 1)
+    clipped = ratio.clamp(1 - eps_low, 1 + eps_high)
+    per_token = -torch.minimum(ratio * A, clipped * A)  # (N, T)
+    kl_tok = None
+    if beta:
+        kl_tok = kl_estimate(logp, torch.where(mask, ref_logp, 0.0), kl)  # 0 at padding
+        per_token = per_token + beta * kl_tok
+    per_token = torch.where(mask, per_token, 0.0)
+
+    n_tok = mask.sum(1)  # (N,)
+    if agg == "token_mean":
+        loss = per_token.sum() / (total_tokens if total_tokens is not None else n_tok.sum().clamp(min=1))
+    elif agg == "seq_mean_token_mean":
+        per_seq = per_token.sum(1) / n_tok.clamp(min=1)
+        loss = per_seq.sum() / (total_seqs if total_seqs is not None else len(per_seq))
+    elif agg == "seq_mean_token_sum_norm":
+        if max_len is None:
+            raise ValueError("agg 'seq_mean_token_sum_norm' (Dr.GRPO) needs max_len, the completion length budget")
+        loss = per_token.sum() / ((total_seqs if total_seqs is not None else mask.shape[0]) * max_len)
+    else:
+        raise ValueError(f"agg {agg!r}: expected 'token_mean', 'seq_mean_token_mean' or 'seq_mean_token_sum_norm'")
+
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1)
+        is_clipped = ((ratio < 1 - eps_low) & (A < 0)) | ((ratio > 1 + eps_high) & (A > 0))  # where the clip bites
+        stats = {
+            "clip_frac": (is_clipped & mask).sum() / n,
+            "ratio_err": torch.where(mask, (ratio - 1).abs(), 0.0).max() if mask.any() else ratio.new_zeros(()),
+            "kl": (kl_tok.sum() / n) if kl_tok is not None else ratio.new_zeros(()),
+            "tokens": mask.sum(),
+        }
+        if entropy is not None:
+            stats["entropy"] = torch.where(mask, entropy, 0.0).sum() / n
+    return loss, stats

@@ -1,0 +1,175 @@
+"""GRPO math: every advantage kind and the policy loss on hand-computed numbers, and the loss against liger-kernel's
+chunked GRPO loss (TRL's formulas).
+
+    python -m pytest -q tests/test_grpo.py
+"""
+import math
+
+import pytest
+import torch
+
+from nanovalor.grpo import group_advantages, kl_estimate, policy_loss
+
+
+def close(a, b, tol=1e-6):
+    torch.testing.assert_close(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64),
+                               rtol=0, atol=tol)
+
+
+# ----------------------------------------------------------------------------- advantages
+
+def test_zscore_hand_numbers():
+    # mean 2.5, unbiased std sqrt(5/3) = 1.2909944
+    s = math.sqrt(5 / 3) + 1e-6
+    close(group_advantages(torch.tensor([[1.0, 2, 3, 4]]), "zscore")[0], [-1.5 / s, -0.5 / s, 0.5 / s, 1.5 / s])
+
+
+def test_mean_only_and_rloo_hand_numbers():
+    r = torch.tensor([[1.0, 2, 3, 4]])
+    close(group_advantages(r, "mean_only")[0], [-1.5, -0.5, 0.5, 1.5])
+    close(group_advantages(r, "rloo")[0], [1 - 3, 2 - 8 / 3, 3 - 7 / 3, 4 - 2])  # r_i - mean of the others
+
+
+def test_rank_with_ties_hand_numbers():
+    # G = 4: 0.1 has rank 0, the two 0.3 share ranks 1 and 2 -> 1.5, 0.9 has rank 3; A = 2 rank / 3 - 1
+    close(group_advantages(torch.tensor([[0.3, 0.1, 0.3, 0.9]]), "rank")[0], [0.0, -1.0, 0.0, 1.0])
+    # G = 5: 1 -> 0, 2 -> 1, the three 5s share ranks 2, 3, 4 -> 3; A = rank / 2 - 1
+    close(group_advantages(torch.tensor([[5.0, 5, 5, 1, 2]]), "rank")[0], [0.5, 0.5, 0.5, -1.0, -0.5])
+
+
+def test_rank_is_scale_free_and_spans_minus_one_to_one():
+    r = torch.tensor([[0.21, 0.25, 0.19, 0.30, 0.22, 0.27, 0.18, 0.24]])
+    a = group_advantages(r, "rank")
+    close(a, group_advantages(100 * r - 3, "rank"))
+    close(sorted(a[0].tolist()), [2 * k / 7 - 1 for k in range(8)])
+
+
+@pytest.mark.parametrize("kind", ["zscore", "mean_only", "rloo", "rank"])
+def test_all_tied_group_gets_zero(kind):
+    a = group_advantages(torch.tensor([[0.7] * 8, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]]), kind)
+    assert torch.all(a[0] == 0), a[0]
+    assert a[1].abs().sum() > 0 and abs(a[1].sum()) < 1e-6  # every kind is zero-sum within a group
+
+
+def test_rank_plus_text_advantage():
+    r = torch.tensor([[0.3, 0.1, 0.3, 0.9]])
+    t = torch.tensor([[1.0, 2, 3, 4]])
+    s = math.sqrt(5 / 3) + 1e-6
+    close(group_advantages(r, "rank", text_rewards=t, text_weight=0.5)[0],
+          [0 - 0.75 / s, -1 - 0.25 / s, 0 + 0.25 / s, 1 + 0.75 / s])
+
+
+def test_bad_advantage_arguments():
+    with pytest.raises(ValueError, match="advantage kind 'std'"):
+        group_advantages(torch.zeros(2, 4), "std")
+    with pytest.raises(ValueError, match="G >= 2"):
+        group_advantages(torch.zeros(2, 1), "rank")
+
+
+# ----------------------------------------------------------------------------- policy loss
+
+def hand_batch():
+    """Two sequences; the first has 2 completion tokens, the second 1; padding holds garbage (-inf, nan)."""
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    old = torch.tensor([[-1.0, -2.0, -math.inf], [-0.5, float("nan"), -math.inf]])
+    ratios = torch.tensor([[1.5, 0.9, 1.0], [0.5, 1.0, 1.0]])
+    logp = (old.nan_to_num(0.0, 0.0, 0.0) + ratios.log()).where(mask, torch.tensor(-math.inf))
+    logp.requires_grad_(True)
+    ref = torch.tensor([[-1.0 + math.log(1.5), -2.0 + math.log(0.9) + math.log(2.0), float("nan")],
+                        [-0.5 + math.log(0.5) + math.log(0.5), 0.0, 0.0]])  # d = ref - logp = [0, ln 2], [ln 0.5]
+    adv = torch.tensor([1.0, -2.0])
+    return logp, old, ref, adv, mask
+
+
+def test_policy_loss_hand_numbers():
+    # per token: seq0 r=1.5, A=1 -> -min(1.5, 1.2) = -1.2; r=0.9 -> -0.9; seq1 r=0.5, A=-2 -> -min(-1.0, -1.6) = 1.6
+    logp, old, ref, adv, mask = hand_batch()
+    loss, stats = policy_loss(logp, old, None, adv, mask, beta=0.0)
+    close(loss, (-1.2 - 0.9 + 1.6) / 3)
+    close(stats["clip_frac"], 2 / 3)  # the 1.5 (A > 0) and the 0.5 (A < 0) are clipped, 0.9 is not
+    close(stats["ratio_err"], 0.5)
+    loss.backward()
+    # only the unclipped token has a gradient: d(-r A / 3) / d logp = -r A / 3 = -0.3; padding gets exactly 0
+    close(logp.grad, [[0.0, -0.3, 0.0], [0.0, 0.0, 0.0]])
+
+    loss, _ = policy_loss(logp, old, None, adv, mask, beta=0.0, agg="seq_mean_token_mean")
+    close(loss, ((-1.2 - 0.9) / 2 + 1.6) / 2)
+    loss, _ = policy_loss(logp, old, None, adv, mask, beta=0.0, agg="seq_mean_token_sum_norm", max_len=4)
+    close(loss, (-1.2 - 0.9 + 1.6) / (2 * 4))
+
+
+def test_policy_loss_with_k3_kl_hand_numbers():
+    # k3(d) = e^d - 1 - d: d = 0 -> 0; ln 2 -> 1 - ln 2; ln 0.5 -> -0.5 + ln 2. Sum = 0.5
+    logp, old, ref, adv, mask = hand_batch()
+    loss, stats = policy_loss(logp, old, ref, adv, mask, beta=0.1)
+    close(stats["kl"], 0.5 / 3)
+    close(loss, (-1.2 - 0.9 + 1.6 + 0.1 * 0.5) / 3)
+    loss.backward()
+    # d k3 / d logp = 1 - e^d: 0, -1, +0.5; plus the policy-gradient part of the unclipped token
+    close(logp.grad, [[0.0, -0.3 + 0.1 * -1 / 3, 0.0], [0.1 * 0.5 / 3, 0.0, 0.0]])
+    assert torch.isfinite(logp.grad).all()
+
+
+def test_kl_estimators_hand_numbers():
+    logp, ref = torch.tensor([-1.0]), torch.tensor([-1.0 + math.log(2.0)])  # d = ln 2
+    close(kl_estimate(logp, ref, "k1"), [-math.log(2.0)])
+    close(kl_estimate(logp, ref, "k2"), [0.5 * math.log(2.0) ** 2])
+    close(kl_estimate(logp, ref, "k3"), [1 - math.log(2.0)])
+    with pytest.raises(ValueError, match="kl estimator 'k4'"):
+        kl_estimate(logp, ref, "k4")
+
+
+def test_first_pass_ratio_is_one():
+    logp = torch.randn(4, 6, requires_grad=True)
+    loss, stats = policy_loss(logp, logp.detach(), None, torch.randn(4), torch.ones(4, 6, dtype=torch.bool), beta=0)
+    assert stats["ratio_err"] == 0 and stats["clip_frac"] == 0
+
+
+def test_global_normaliser_splits_exactly_across_micro_batches():
+    torch.manual_seed(0)
+    logp = torch.randn(8, 5, dtype=torch.float64)
+    old = logp + 0.3 * torch.randn(8, 5, dtype=torch.float64)
+    ref = logp + 0.3 * torch.randn(8, 5, dtype=torch.float64)
+    adv = torch.randn(8, dtype=torch.float64)
+    mask = torch.rand(8, 5) > 0.3
+    for agg in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"):
+        whole, _ = policy_loss(logp, old, ref, adv, mask, agg=agg, max_len=5)
+        parts = sum(policy_loss(logp[i:i + 2], old[i:i + 2], ref[i:i + 2], adv[i:i + 2], mask[i:i + 2], agg=agg,
+                                max_len=5, total_tokens=mask.sum(), total_seqs=8)[0] for i in range(0, 8, 2))
+        close(parts, whole, 1e-12)
+
+
+# ----------------------------------------------------------------------------- against liger-kernel (TRL's formulas)
+
+@pytest.mark.parametrize("agg,loss_type", [("token_mean", "dapo"), ("seq_mean_token_mean", "grpo"),
+                                           ("seq_mean_token_sum_norm", "dr_grpo")])
+def test_matches_liger_grpo_loss(agg, loss_type):
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    torch.manual_seed(0)
+    B, T, H, V = 4, 6, 16, 50
+    hidden = torch.randn(B, T, H, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, V, (B, T))
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, 4:] = 0
+    mask[3, 2:] = 0
+    adv = torch.randn(B, dtype=torch.float64)
+    with torch.no_grad():
+        base = torch.log_softmax(hidden @ weight.T, -1).gather(-1, targets[..., None])[..., 0]
+        old = base + 0.2 * torch.randn(B, T, dtype=torch.float64)
+        ref = base + 0.2 * torch.randn(B, T, dtype=torch.float64)
+
+    liger = LigerFusedLinearGRPOLoss(beta=0.04, compiled=False, loss_type=loss_type, max_completion_length=T,
+                                     epsilon_low=0.2, epsilon_high=0.28)
+    out = liger(hidden, weight, targets, mask, adv, ref_per_token_logps=ref, old_per_token_logps=old)
+    ref_loss = out[0] if isinstance(out, tuple) else out
+    g_ref = torch.autograd.grad(ref_loss, (hidden, weight))
+
+    logp = torch.log_softmax(hidden @ weight.T, -1).gather(-1, targets[..., None])[..., 0]
+    loss, _ = policy_loss(logp, old, ref, adv, mask.bool(), eps_low=0.2, eps_high=0.28, beta=0.04, agg=agg,
+                          max_len=T)
+    g = torch.autograd.grad(loss, (hidden, weight))
+    # liger accumulates its loss and gradients in float32 even for float64 inputs: compare at float32 precision
+    for ours, theirs in ((loss, ref_loss), (g[0], g_ref[0]), (g[1], g_ref[1])):
+        torch.testing.assert_close(ours, theirs.to(torch.float64), rtol=1e-5, atol=1e-7)
