@@ -1,0 +1,58 @@
+"""Command-line overrides for the entry scripts' config dataclasses: `--field=value` (or `--field value`).
+
+Each entry script (train.py, sample.py, eval.py) keeps its whole configuration in one dataclass with documented
+defaults; `parse(Config, argv)` returns an instance with the overrides applied. An unknown field or a value of the
+wrong type is an error that names it. Fields typed `list[str]` may be given several times (`--image a --image b`).
+"""
+import dataclasses
+import sys
+import types
+import typing
+
+
+def _convert(name, kind, text):
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{name}={text}: expected a boolean (true/false)")
+    if typing.get_origin(kind) is list:
+        return [text]
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # `str | None`: convert to the non-None type
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"--{name}={text}: expected {kind.__name__}") from None
+
+
+def parse(config_class, argv=None):
+    """Return config_class() with `--field=value` overrides from argv (default: sys.argv[1:]) applied."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    fields = typing.get_type_hints(config_class)  # name -> type, in declaration order
+    values = {}
+    while argv:
+        arg = argv.pop(0)
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}: expected --field=value")
+        name, eq, text = arg[2:].partition("=")
+        if not eq:
+            if fields.get(name) is bool and (not argv or argv[0].startswith("--")):
+                text = "true"  # a bare --flag switches a boolean on
+            elif argv:
+                text = argv.pop(0)
+            else:
+                raise ValueError(f"--{name}: missing value")
+        name = name.replace("-", "_")
+        if name not in fields:
+            raise ValueError(f"unknown option --{name}; valid options: {', '.join('--' + f for f in fields)}")
+        value = _convert(name, fields[name], text)
+        values[name] = values.get(name, []) + value if isinstance(value, list) else value
+    return config_class(**values)
+
+
+def diff(config, defaults=None):
+    """The fields of `config` that differ from the class defaults, as a dict (for results rows and logs)."""
+    defaults = defaults or type(config)()
+    return {k: v for k, v in dataclasses.asdict(config).items() if getattr(defaults, k) != v}
