@@ -37,6 +37,7 @@ def parse(config_class, argv=None):
         if not arg.startswith("--"):
             raise ValueError(f"unexpected argument {arg!r}: expected --field=value")
         name, eq, text = arg[2:].partition("=")
+        name = name.replace("-", "_")
         if not eq:
             if fields.get(name) is bool and (not argv or argv[0].startswith("--")):
                 text = "true"  # a bare --flag switches a boolean on
@@ -44,7 +45,6 @@ def parse(config_class, argv=None):
                 text = argv.pop(0)
             else:
                 raise ValueError(f"--{name}: missing value")
-        name = name.replace("-", "_")
         if name not in fields:
             raise ValueError(f"unknown option --{name}; valid options: {', '.join('--' + f for f in fields)}")
         value = _convert(name, fields[name], text)
