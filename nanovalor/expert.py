@@ -3,13 +3,20 @@
 (Being built; see issue 4. This first part is the BERT encoder, shared with CheXbert in rewards.py.)
 """
 import json
-from dataclasses import dataclass
+import math
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+from nanovalor.policy import VisionBlock, VisionConfig, VisionTower, vision_config_from_hf
 
 # -----------------------------------------------------------------------------
 # BERT encoder (Devlin et al. 2019): post-LayerNorm blocks, learned absolute positions, exact GELU.
@@ -119,27 +126,44 @@ def load_bert_tokenizer(folder, max_length=512):
     continuations, [CLS] ... [SEP]. Longer inputs are truncated to max_length tokens, specials included."""
     folder = Path(folder)
     if (folder / "tokenizer.json").exists():
-        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    elif (folder / "vocab.txt").exists():
-        lines = (folder / "vocab.txt").read_text(encoding="utf-8").splitlines()
-        vocab = {token: i for i, token in enumerate(lines)}  # one token per line, its id = its line number
-        missing = [t for t in ("[CLS]", "[SEP]", "[UNK]", "[PAD]") if t not in vocab]
-        if missing:
-            raise ValueError(f"{folder / 'vocab.txt'}: special tokens {missing} not in the vocabulary")
-        config = folder / "tokenizer_config.json"
-        lower = json.loads(config.read_text()).get("do_lower_case", True) if config.exists() else True
-        tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
-        tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                                    strip_accents=None, lowercase=lower)  # None: follows lowercase
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.post_processor = processors.BertProcessing(("[SEP]", vocab["[SEP]"]), ("[CLS]", vocab["[CLS]"]))
-    else:
+        return _finish_tokenizer(Tokenizer.from_file(str(folder / "tokenizer.json")), folder, max_length, "[PAD]")
+    if not (folder / "vocab.txt").exists():
         raise FileNotFoundError(f"{folder}: no tokenizer.json or vocab.txt for the BERT tokenizer")
+    lines = (folder / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    vocab = {token: i for i, token in enumerate(lines)}  # one token per line, its id = its line number
+    missing = [t for t in ("[CLS]", "[SEP]", "[UNK]", "[PAD]") if t not in vocab]
+    if missing:
+        raise ValueError(f"{folder / 'vocab.txt'}: special tokens {missing} not in the vocabulary")
+    config = folder / "tokenizer_config.json"
+    lower = json.loads(config.read_text()).get("do_lower_case", True) if config.exists() else True
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                strip_accents=None, lowercase=lower)  # None: follows lowercase
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.BertProcessing(("[SEP]", vocab["[SEP]"]), ("[CLS]", vocab["[CLS]"]))
+    return _finish_tokenizer(tok, folder, max_length, "[PAD]")
+
+
+def load_clip_tokenizer(folder, max_length=77):
+    """CLIP byte-level BPE tokenizer from `tokenizer.json` (HF CLIPTokenizer's: <|startoftext|> ... <|endoftext|>).
+    Padded with tokenizer_config.json's pad_token (default <|endoftext|>); truncated to max_length tokens with the
+    end-of-text token kept last, where the CLIP text tower pools."""
+    folder = Path(folder)
+    if not (folder / "tokenizer.json").exists():
+        raise FileNotFoundError(f"{folder}: no tokenizer.json for the CLIP tokenizer")
+    pad = "<|endoftext|>"
+    if (folder / "tokenizer_config.json").exists():
+        pad = json.loads((folder / "tokenizer_config.json").read_text()).get("pad_token", pad)
+        pad = pad["content"] if isinstance(pad, dict) else pad
+    return _finish_tokenizer(Tokenizer.from_file(str(folder / "tokenizer.json")), folder, max_length, pad)
+
+
+def _finish_tokenizer(tok, folder, max_length, pad):
+    if tok.token_to_id(pad) is None:
+        raise ValueError(f"{folder}: the tokenizer has no padding token {pad!r}")
+    # Truncation counts the post-processor's special tokens, so [SEP] / <|endoftext|> always stays the last token.
     tok.enable_truncation(max_length)
-    pad = "[PAD]" if tok.token_to_id("[PAD]") is not None else None
-    if pad is None:
-        raise ValueError(f"{folder}: the BERT tokenizer has no [PAD] token")
-    tok.enable_padding(pad_id=tok.token_to_id(pad), pad_token=pad)
+    tok.enable_padding(pad_id=tok.token_to_id(pad), pad_token=pad)  # to the longest in the batch
     return tok
 
 
@@ -149,3 +173,379 @@ def tokenize(tokenizer, texts):
     ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)  # (B, T)
     mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)  # (B, T)
     return ids, mask
+
+
+# -----------------------------------------------------------------------------
+# CLIP text transformer (Radford et al. 2021, as in HF CLIPTextModel): pre-LN blocks under a causal mask, pooled
+# at the end-of-text token. Its blocks are policy.py's ViT blocks (the same names as HF's CLIPEncoderLayer); only
+# the attention mask differs, so the block is run by _masked_block below.
+
+
+@dataclass
+class ClipTextConfig:
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    num_layers: int = 12
+    num_heads: int = 8
+    intermediate_size: int = 2048
+    max_position_embeddings: int = 77
+    layer_norm_eps: float = 1e-5
+    act: str = "quick_gelu"
+    eos_token_id: int = 49407  # 2 in configs written before transformers PR #24773: then pool at the highest id
+
+
+def clip_text_config_from_hf(d):
+    """ClipTextConfig from an HF `text_config` dict (CLIPTextConfig)."""
+    act = d.get("hidden_act", "quick_gelu")
+    if act not in ("quick_gelu", "gelu"):
+        raise ValueError(f"text_config.hidden_act {act!r}: expected 'quick_gelu' or 'gelu'")
+    return ClipTextConfig(
+        vocab_size=d.get("vocab_size", 49408), hidden_size=d.get("hidden_size", 512),
+        num_layers=d.get("num_hidden_layers", 12), num_heads=d.get("num_attention_heads", 8),
+        intermediate_size=d.get("intermediate_size", 2048), max_position_embeddings=d.get("max_position_embeddings", 77),
+        layer_norm_eps=d.get("layer_norm_eps", 1e-5), act=act, eos_token_id=d.get("eos_token_id", 49407))
+
+
+def _masked_block(block, x, keep):
+    """policy.VisionBlock's computation with an attention mask. x (B, T, D); keep (B or 1, 1, T, T) bool."""
+    B, T, D = x.shape
+    attn = block.self_attn
+    h = block.layer_norm1(x)
+    q, k, v = (p(h).view(B, T, attn.num_heads, -1).transpose(1, 2) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # (B, heads, T, head_dim)
+    x = x + attn.out_proj(y.transpose(1, 2).reshape(B, T, D))
+    return x + block.mlp(block.layer_norm2(x))
+
+
+class ClipText(nn.Module):
+    def __init__(self, cfg: ClipTextConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden_size
+        block = VisionConfig(hidden_size=d, intermediate_size=cfg.intermediate_size, num_heads=cfg.num_heads,
+                             layer_norm_eps=cfg.layer_norm_eps, act=cfg.act)
+        self.embeddings = nn.ModuleDict(dict(token_embedding=nn.Embedding(cfg.vocab_size, d),
+                                             position_embedding=nn.Embedding(cfg.max_position_embeddings, d)))
+        self.encoder = nn.ModuleDict(dict(layers=nn.ModuleList(VisionBlock(block) for _ in range(cfg.num_layers))))
+        self.final_layer_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+
+    def forward(self, input_ids, attention_mask=None):
+        """input_ids (B, T), attention_mask (B, T) -> (B, T, D) hidden states after the final LayerNorm."""
+        B, T = input_ids.shape
+        if T > self.cfg.max_position_embeddings:
+            raise ValueError(f"CLIP text input of {T} tokens: at most {self.cfg.max_position_embeddings}")
+        x = self.embeddings["token_embedding"](input_ids) + self.embeddings["position_embedding"].weight[:T]
+        keep = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()[None, None]  # (1, 1, T, T) causal
+        if attention_mask is not None:
+            keep = keep & attention_mask.bool()[:, None, None, :]  # (B, 1, T, T), padded keys hidden
+            keep = keep | torch.eye(T, dtype=torch.bool, device=keep.device)  # no empty softmax row (left padding)
+        for block in self.encoder["layers"]:
+            x = _masked_block(block, x, keep)
+        return self.final_layer_norm(x)
+
+    def pooled(self, hidden, input_ids):
+        """(B, T, D) -> (B, D): the hidden state at the first end-of-text token (HF CLIPTextModel's rule)."""
+        eos = self.cfg.eos_token_id
+        where = input_ids.argmax(-1) if eos == 2 else (input_ids == eos).int().argmax(-1)  # (B,)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), where]
+
+
+# -----------------------------------------------------------------------------
+# The dual encoder: image tower + projection, text tower + projection, learned logit scale.
+# Our parameter names follow HF CLIPModel with vision_model -> visual and text_model -> text.
+
+
+@dataclass
+class ExpertConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: BertConfig | ClipTextConfig = field(default_factory=ClipTextConfig)
+    embed_dim: int = 512
+    text_projection: str = "linear"  # "mlp": open_clip's Linear -> GELU -> Linear, both without bias (BiomedCLIP)
+    context_length: int = 77  # longer reports are truncated to this many tokens (specials included): our one rule
+
+
+class Expert(nn.Module):
+    """CLIP-style scorer. `encode_images` / `encode_texts` are differentiable (contrastive training of a tiny
+    expert); `similarity` is the frozen GRPO scorer."""
+
+    def __init__(self, cfg: ExpertConfig, tokenizer=None, processing=None):
+        super().__init__()
+        if cfg.text_projection not in ("linear", "mlp"):
+            raise ValueError(f"ExpertConfig.text_projection {cfg.text_projection!r}: expected 'linear' or 'mlp'")
+        if cfg.context_length > cfg.text.max_position_embeddings:
+            raise ValueError(f"ExpertConfig.context_length {cfg.context_length} > the text tower's "
+                             f"max_position_embeddings {cfg.text.max_position_embeddings}")
+        self.cfg, self.tokenizer, self.processing = cfg, tokenizer, processing
+        self.visual = VisionTower(cfg.vision)
+        self.visual_projection = nn.Linear(cfg.vision.hidden_size, cfg.embed_dim, bias=False)
+        self.text = Bert(cfg.text) if isinstance(cfg.text, BertConfig) else ClipText(cfg.text)
+        d, e = cfg.text.hidden_size, cfg.embed_dim
+        if cfg.text_projection == "mlp":
+            self.text_projection = nn.Sequential(nn.Linear(d, (d + e) // 2, bias=False), nn.GELU(),
+                                                 nn.Linear((d + e) // 2, e, bias=False))
+        else:
+            self.text_projection = nn.Linear(d, e, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature 0.07
+
+    def encode_images(self, pixel_values):
+        """(B, C, S, S) preprocessed pixels -> (B, E) unit-norm embeddings (class token, projected)."""
+        return F.normalize(self.visual_projection(self.visual.pooled(pixel_values)), dim=-1)
+
+    def encode_texts(self, input_ids, attention_mask):
+        """(B, T) token ids and mask -> (B, E) unit-norm embeddings: BERT pools [CLS], CLIP its end-of-text token."""
+        hidden = self.text(input_ids, attention_mask)  # (B, T, D)
+        pooled = hidden[:, 0] if isinstance(self.text, Bert) else self.text.pooled(hidden, input_ids)
+        return F.normalize(self.text_projection(pooled), dim=-1)
+
+    def tokenize(self, texts):
+        return tokenize(self.tokenizer, texts)
+
+    @torch.no_grad()
+    def similarity(self, images, reports, max_text_tokens=16384, max_images=32):
+        """images: B X-rays (paths, PIL images, or a (B, C, S, S) preprocessed tensor); reports: B lists of G
+        strings -> (B, G) cosine similarities in [-1, 1], float32. Each image is encoded once for its group.
+        Reports are sorted by length and encoded in chunks of at most max_text_tokens padded tokens (the memory
+        cap); images in chunks of max_images."""
+        if len(images) != len(reports) or len({len(group) for group in reports}) > 1:
+            raise ValueError(f"similarity(): expected B images and B lists of G reports, got {len(images)} images "
+                             f"and groups of sizes {sorted({len(group) for group in reports})}")
+        B, G = len(reports), len(reports[0]) if len(reports) else 0
+        was_training = self.training
+        self.eval()
+        try:
+            pixels = self._pixels(images)  # (B, C, S, S)
+            device = self.logit_scale.device
+            image_emb = torch.cat([self.encode_images(pixels[i:i + max_images].to(device))
+                                   for i in range(0, B, max_images)]) if B else None  # (B, E)
+            ids, mask = self.tokenize([r for group in reports for r in group])  # (B*G, T), padded to the longest
+            text_emb = self._encode_sorted(ids.to(device), mask.to(device), max_text_tokens)  # (B*G, E)
+        finally:
+            self.train(was_training)
+        if not B * G:
+            return torch.zeros(B, G)
+        return torch.einsum("be,bge->bg", image_emb.float(), text_emb.float().view(B, G, -1))
+
+    def _encode_sorted(self, ids, mask, max_tokens):
+        # Longest first, so each chunk is padded only to its own longest report and holds <= max_tokens tokens.
+        lengths = mask.sum(1)
+        order = lengths.argsort(descending=True)
+        out = torch.empty(len(ids), self.cfg.embed_dim, device=ids.device, dtype=self.logit_scale.dtype)
+        start = 0
+        while start < len(ids):
+            width = int(lengths[order[start]])
+            rows = order[start:start + max(1, max_tokens // width)]
+            out[rows] = self.encode_texts(ids[rows, :width], mask[rows, :width]).to(out.dtype)
+            start += len(rows)
+        return out
+
+    def _pixels(self, images):
+        if torch.is_tensor(images):
+            return images
+        from nanovalor import data  # TODO(integration): top-level import once data.py is committed
+        return data.preprocess([data.load_image(x) if isinstance(x, (str, os.PathLike)) else x for x in images],
+                               self.processing)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: our layout (config.json + model.safetensors + tokenizer.json), HF CLIPModel, open_clip (BiomedCLIP).
+
+FORMAT = "nanovalor-expert"
+# Buffers some checkpoints carry and we recompute (HF's position_ids / token_type_ids in older transformers).
+IGNORED = re.compile(r".*embeddings\.(position_ids|token_type_ids)$")
+
+
+def _read_weights(path):
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    try:  # a pickle: tensors and plain containers only, never code
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: refused or unreadable (torch.load with weights_only=True): {e}") from None
+    return sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+
+
+def _from_hf_clip(sd):
+    """HF CLIPModel names -> ours: vision_model.* -> visual.*, text_model.* -> text.*, the rest as is."""
+    return {re.sub(r"^vision_model\.", "visual.", re.sub(r"^text_model\.", "text.", k)): v for k, v in sd.items()}
+
+
+OPEN_CLIP_NAMES = [  # (regex on an open_clip key, our name); timm's fused attn.qkv is split in _from_open_clip
+    (r"visual\.trunk\.cls_token", "visual.embeddings.class_embedding"),
+    (r"visual\.trunk\.pos_embed", "visual.embeddings.position_embedding.weight"),
+    (r"visual\.trunk\.patch_embed\.proj\.", "visual.embeddings.patch_embedding."),
+    (r"visual\.trunk\.blocks\.(\d+)\.norm1\.", r"visual.encoder.layers.\1.layer_norm1."),
+    (r"visual\.trunk\.blocks\.(\d+)\.attn\.proj\.", r"visual.encoder.layers.\1.self_attn.out_proj."),
+    (r"visual\.trunk\.blocks\.(\d+)\.norm2\.", r"visual.encoder.layers.\1.layer_norm2."),
+    (r"visual\.trunk\.blocks\.(\d+)\.mlp\.", r"visual.encoder.layers.\1.mlp."),
+    (r"visual\.trunk\.norm\.", "visual.post_layernorm."),  # timm norms every token; we take the class token first
+    (r"visual\.head\.proj\.", "visual_projection."),
+    (r"text\.transformer\.", "text."),  # an HF BertModel
+    (r"text\.proj\.", "text_projection."),  # Linear, or Sequential(Linear, GELU, Linear): .0 / .2
+]
+
+
+def _from_open_clip(sd):
+    """open_clip's timm + HF-text names (BiomedCLIP) -> ours."""
+    out = {}
+    for k, v in sd.items():
+        if m := re.fullmatch(r"visual\.trunk\.blocks\.(\d+)\.attn\.qkv\.(weight|bias)", k):
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3)):  # (3D, ...) -> 3 x (D, ...)
+                out[f"visual.encoder.layers.{m[1]}.self_attn.{name}.{m[2]}"] = part
+            continue
+        for pattern, ours in OPEN_CLIP_NAMES:
+            if re.match(pattern, k):
+                k = re.sub("^" + pattern, ours, k)
+                break
+        out[k] = v
+    # timm keeps the class token as (1, 1, D) and the positions as (1, 1+P, D); ours are (D,) and (1+P, D)
+    for k in ("visual.embeddings.class_embedding", "visual.embeddings.position_embedding.weight"):
+        if k in out and out[k].dim() == 3:
+            out[k] = out[k][0, 0] if k.endswith("class_embedding") else out[k][0]
+    return out
+
+
+def _load_checked(expert, sd, where):
+    """Load a state dict with our names into `expert`; every mismatch is listed in one error."""
+    sd = {k: v for k, v in sd.items() if not IGNORED.match(k)}
+    want = expert.state_dict()
+    missing = sorted(set(want) - set(sd))
+    unexpected = sorted(set(sd) - set(want))
+    misshaped = [f"{k}: {tuple(sd[k].shape)}, expected {tuple(want[k].shape)}" for k in sorted(set(sd) & set(want))
+                 if sd[k].shape != want[k].shape]
+    if missing or unexpected or misshaped:
+        raise ValueError(f"{where}: checkpoint does not fit the expert: missing {missing}; unexpected {unexpected};"
+                         f" mis-shaped {misshaped}")
+    expert.load_state_dict({k: v.float() for k, v in sd.items()}, assign=True)
+
+
+def _count_layers(sd, prefix):
+    return len({m[1] for k in sd if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))})
+
+
+def _read_open_clip(folder):
+    """BiomedCLIP-style open_clip checkpoint: a timm ViT (token pooling, linear head) + an HF BERT (CLS pooling,
+    linear or MLP projection). open_clip_config.json does not carry the tower shapes (open_clip fetches them from
+    the hub), so they are read off the tensors; heads = width / 64 as in every timm ViT and BERT size."""
+    where = folder / "open_clip_config.json"
+    d = json.loads(where.read_text())
+    model, vision, text = d.get("model_cfg", {}), d.get("model_cfg", {}).get("vision_cfg", {}), \
+        d.get("model_cfg", {}).get("text_cfg", {})
+    for key, value, allowed in (("vision_cfg.timm_model_name", vision.get("timm_model_name", ""), None),
+                                ("vision_cfg.timm_pool", vision.get("timm_pool", ""), ("", "token")),
+                                ("vision_cfg.timm_proj", vision.get("timm_proj", "linear"), ("linear",)),
+                                ("text_cfg.hf_pooler_type", text.get("hf_pooler_type"), ("cls_last_hidden_state_pooler",)),
+                                ("text_cfg.hf_proj_type", text.get("hf_proj_type"), ("linear", "mlp"))):
+        if (allowed is None and not str(value).startswith("vit_")) or (allowed is not None and value not in allowed):
+            raise ValueError(f"{where}: model_cfg.{key} = {value!r}: expected {allowed or 'a timm vit_* model'}")
+    files = [folder / n for n in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin") if (folder / n).exists()]
+    if not files:
+        raise FileNotFoundError(f"{folder}: no open_clip_model.safetensors or open_clip_pytorch_model.bin")
+    sd = _from_open_clip(_read_weights(files[0]))
+    try:
+        patch = sd["visual.embeddings.patch_embedding.weight"]  # (D, C, p, p)
+        width, fc1 = patch.shape[0], sd["visual.encoder.layers.0.mlp.fc1.weight"]
+        words, types = sd["text.embeddings.word_embeddings.weight"], sd["text.embeddings.token_type_embeddings.weight"]
+        positions, inter = sd["text.embeddings.position_embeddings.weight"], sd["text.encoder.layer.0.intermediate.dense.weight"]
+        n_patches = sd["visual.embeddings.position_embedding.weight"].shape[0] - 1
+    except KeyError as e:
+        raise ValueError(f"{files[0]}: not a timm-ViT + BERT open_clip checkpoint, {e} missing") from None
+    cfg = ExpertConfig(
+        vision=VisionConfig(image_size=vision.get("image_size", patch.shape[-1] * math.isqrt(n_patches)),
+                            patch_size=patch.shape[-1], hidden_size=width, intermediate_size=fc1.shape[0],
+                            num_layers=_count_layers(sd, "visual.encoder.layers."), num_heads=width // 64,
+                            layer_norm_eps=1e-6, act="gelu", class_token=True, pre_norm=False, patch_bias=True,
+                            num_channels=patch.shape[1]),
+        text=BertConfig(vocab_size=words.shape[0], hidden_size=words.shape[1],
+                        num_layers=_count_layers(sd, "text.encoder.layer."), num_heads=words.shape[1] // 64,
+                        intermediate_size=inter.shape[0], max_position_embeddings=positions.shape[0],
+                        type_vocab_size=types.shape[0]),
+        embed_dim=model.get("embed_dim", 512), text_projection=text["hf_proj_type"],
+        context_length=text.get("context_length", 77))
+    return cfg, sd, load_bert_tokenizer(folder, cfg.context_length), files[0]
+
+
+def _read_hf_clip(folder):
+    """HF CLIPModel: config.json (model_type 'clip') + model.safetensors (or pytorch_model.bin) + tokenizer.json."""
+    d = json.loads((folder / "config.json").read_text())
+    vision = vision_config_from_hf({"model_type": "clip_vision_model", **d.get("vision_config", {})})
+    text = clip_text_config_from_hf(d.get("text_config", {}))
+    cfg = ExpertConfig(vision=vision, text=text, embed_dim=d.get("projection_dim", 512), text_projection="linear",
+                       context_length=text.max_position_embeddings)
+    files = [folder / n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).exists()]
+    if not files:
+        raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin for the CLIPModel")
+    return cfg, _from_hf_clip(_read_weights(files[0])), load_clip_tokenizer(folder, cfg.context_length), files[0]
+
+
+def _dataclass_from(cls, d, where):
+    unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"{where}: unknown {cls.__name__} field(s) {unknown}")
+    return cls(**d)
+
+
+def _read_ours(folder):
+    where = folder / "config.json"
+    d = json.loads(where.read_text())
+    text_cls = {"bert": BertConfig, "clip": ClipTextConfig}.get(d.get("text_kind"))
+    if text_cls is None:
+        raise ValueError(f"{where}: text_kind {d.get('text_kind')!r}: expected 'bert' or 'clip'")
+    cfg = ExpertConfig(vision=_dataclass_from(VisionConfig, d["vision"], f"{where} vision"),
+                       text=_dataclass_from(text_cls, d["text"], f"{where} text"), embed_dim=d["embed_dim"],
+                       text_projection=d["text_projection"], context_length=d["context_length"])
+    load_tok = load_bert_tokenizer if text_cls is BertConfig else load_clip_tokenizer
+    return cfg, load_file(str(folder / "model.safetensors")), load_tok(folder, cfg.context_length), folder / "model.safetensors"
+
+
+def _resolve(path_or_repo_id):
+    path = Path(path_or_repo_id)
+    if path.exists():
+        return path
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_repo_id)):
+        raise FileNotFoundError(f"{path_or_repo_id}: no such folder, and not a hub id 'owner/name'")
+    from huggingface_hub import snapshot_download  # honours HF_HUB_OFFLINE (then only the local cache is used)
+    return Path(snapshot_download(str(path_or_repo_id), allow_patterns=[
+        "*.json", "vocab.txt", "*.safetensors", "open_clip_pytorch_model.bin"]))
+
+
+def load(path_or_repo_id, device="cpu"):
+    """An Expert in eval mode from a local folder or a hub id: our layout, HF CLIPModel, or open_clip BiomedCLIP."""
+    folder = _resolve(path_or_repo_id)
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
+    if config.get("format") == FORMAT:
+        cfg, sd, tok, source = _read_ours(folder)
+    elif (folder / "open_clip_config.json").exists():
+        cfg, sd, tok, source = _read_open_clip(folder)
+    elif config.get("model_type") == "clip":
+        cfg, sd, tok, source = _read_hf_clip(folder)
+    else:
+        raise ValueError(f"{folder}: not an expert checkpoint (expected our config.json with format {FORMAT!r}, "
+                         "open_clip_config.json, or an HF CLIPModel config.json)")
+    with torch.device("meta"):  # no random init: every tensor comes from the checkpoint (assign=True)
+        expert = Expert(cfg, tok, _processing(folder, cfg))
+    _load_checked(expert, sd, source)
+    return expert.to(device).eval()
+
+
+def save(expert, folder):
+    """Write our layout: config.json (towers, projection, context, processing), model.safetensors, tokenizer.json.
+    Written into a temporary folder that is then renamed, so a reader never sees half an expert."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    cfg = expert.cfg
+    meta = dict(format=FORMAT, text_kind="bert" if isinstance(cfg.text, BertConfig) else "clip",
+                vision=asdict(cfg.vision), text=asdict(cfg.text), embed_dim=cfg.embed_dim,
+                text_projection=cfg.text_projection, context_length=cfg.context_length,
+                processing=None if expert.processing is None else asdict(expert.processing))
+    (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+    save_file({k: v.detach().cpu().contiguous() for k, v in expert.state_dict().items()}, str(tmp / "model.safetensors"))
+    expert.tokenizer.save(str(tmp / "tokenizer.json"))
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
+def _processing(folder, cfg):
+    return None  # TODO: data.ImageProcessing once data.py is committed

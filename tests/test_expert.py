@@ -7,7 +7,8 @@ import torch
 from transformers import BertConfig as HFBertConfig, BertModel
 from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy
 
-from nanovalor.expert import Bert, bert_config_from_hf, load_bert_tokenizer, tokenize
+from nanovalor.expert import (Bert, ClipText, ClipTextConfig, bert_config_from_hf, load, load_bert_tokenizer,
+                              tokenize)
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "heart", "is", "normal", "size", ".", ",", "no",
          "pleural", "effusion", "lung", "##s", "are", "clear", "card", "##io", "##me", "##galy", "mild", "left",
@@ -114,3 +115,75 @@ def test_tokenizer_errors(tmp_path):
     (tmp_path / "vocab.txt").write_text("a\nb\n")
     with pytest.raises(ValueError, match=r"vocab.txt: special tokens \['\[CLS\]'"):
         load_bert_tokenizer(tmp_path)
+
+
+# ----------------------------------------------------------------------------- CLIP (HF CLIPModel layout)
+
+REPORTS = [["The heart is normal size.", "No pleural effusion, lungs are clear.", "", "mild cardiomegaly"],
+           ["Right-sided effusion.", "lungs " * 60, "café x-ray", "The heart is normal size."]]
+
+
+def _clip_tokenizer_folder(folder):
+    """A tiny byte-level BPE in HF CLIPTokenizer's format (transformers writes tokenizer.json)."""
+    from transformers import CLIPTokenizer
+    from tokenizers.pre_tokenizers import ByteLevel
+    chars = sorted(ByteLevel.alphabet())  # the 256 printable stand-ins for the bytes
+    merges = [tuple(m.split()) for m in ("t h", "th e</w>", "h e", "a r", "l u", "lu n", "lun g", "e f", "ef f")]
+    vocab = chars + [c + "</w>" for c in chars] + ["th", "the</w>", "he", "ar", "lu", "lun", "lung", "ef", "eff"]
+    vocab = {t: i for i, t in enumerate(vocab + ["<|startoftext|>", "<|endoftext|>"])}
+    CLIPTokenizer(vocab=vocab, merges=merges).save_pretrained(str(folder))
+    return CLIPTokenizer.from_pretrained(str(folder)), len(vocab)
+
+
+def _tiny_clip(folder, seed=0):
+    from transformers import CLIPConfig, CLIPModel
+    hf_tok, vocab_size = _clip_tokenizer_folder(folder)
+    torch.manual_seed(seed)
+    cfg = CLIPConfig(text_config=dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=24,
+                                      eos_token_id=hf_tok.eos_token_id, bos_token_id=hf_tok.bos_token_id,
+                                      pad_token_id=hf_tok.pad_token_id),
+                     vision_config=dict(hidden_size=36, intermediate_size=50, num_hidden_layers=2, num_attention_heads=3,
+                                        image_size=35, patch_size=7), projection_dim=20)
+    hf = CLIPModel(cfg).eval()
+    for p in hf.parameters():
+        p.data.add_(0.1 * torch.randn_like(p))
+    hf.save_pretrained(str(folder))
+    return hf, hf_tok
+
+
+def test_clip_expert_matches_transformers(tmp_path):
+    hf, hf_tok = _tiny_clip(tmp_path)
+    expert = load(tmp_path)
+    assert expert.cfg.context_length == 24 and not expert.training
+    texts = [r for group in REPORTS for r in group]
+    ids, mask = expert.tokenize(texts)
+    ref = hf_tok(texts, padding=True, truncation=True, max_length=24, return_tensors="pt")
+    assert ids.tolist() == ref["input_ids"].tolist() and mask.tolist() == ref["attention_mask"].tolist()
+    assert ids.shape[1] == 24 and ids[5, -1] == hf_tok.eos_token_id  # the long report: truncated, EOS kept last
+    pixels = torch.randn(2, 3, 35, 35)
+    with torch.no_grad():
+        out = hf(input_ids=ref["input_ids"], attention_mask=ref["attention_mask"], pixel_values=pixels)
+        torch.testing.assert_close(expert.encode_images(pixels), out.image_embeds, rtol=0, atol=1e-5)
+        torch.testing.assert_close(expert.encode_texts(ids, mask), out.text_embeds, rtol=0, atol=1e-5)
+        torch.testing.assert_close(expert.logit_scale, hf.logit_scale)
+    # similarity: (B, G) = each image against its own group, the diagonal blocks of HF's all-pairs cosine
+    cos = (out.logits_per_image / hf.logit_scale.exp()).view(2, 2, 4)  # (B, B', G)
+    want = torch.stack([cos[0, 0], cos[1, 1]])
+    got = expert.similarity(pixels, REPORTS, max_text_tokens=30)  # a cap this small: one report per text chunk
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(expert.similarity(pixels, REPORTS), want, rtol=0, atol=1e-5)
+
+
+def test_clip_text_left_padding_and_legacy_eos():
+    torch.manual_seed(0)
+    text = ClipText(ClipTextConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=20,
+                                   max_position_embeddings=8, eos_token_id=2))
+    ids = torch.tensor([[0, 0, 7, 5, 49, 3], [7, 5, 49, 0, 0, 0]])  # legacy rule: pool at the highest id (49)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    with torch.no_grad():
+        h = text(ids, mask)
+        assert torch.isfinite(h).all()  # a fully padded query row must not turn into NaN
+        torch.testing.assert_close(text.pooled(h, ids)[0], h[0, 4])
+        alone = text(ids[1:, :3])  # right padding changes nothing before it (causal), with or without a mask
+        torch.testing.assert_close(text.pooled(h, ids)[1], alone[0, 2], rtol=0, atol=1e-6)
