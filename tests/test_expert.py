@@ -2,12 +2,15 @@
 
     python -m pytest -q tests/test_expert.py
 """
+import json
+
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import BertConfig as HFBertConfig, BertModel
 from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy
 
-from nanovalor.expert import (Bert, ClipText, ClipTextConfig, bert_config_from_hf, load, load_bert_tokenizer,
+from nanovalor.expert import (Bert, ClipText, ClipTextConfig, bert_config_from_hf, load, load_bert_tokenizer, save,
                               tokenize)
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "heart", "is", "normal", "size", ".", ",", "no",
@@ -187,3 +190,139 @@ def test_clip_text_left_padding_and_legacy_eos():
         torch.testing.assert_close(text.pooled(h, ids)[0], h[0, 4])
         alone = text(ids[1:, :3])  # right padding changes nothing before it (causal), with or without a mask
         torch.testing.assert_close(text.pooled(h, ids)[1], alone[0, 2], rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- BiomedCLIP (open_clip layout)
+
+TIMM_NAMES = [("embeddings.cls_token", "cls_token"), ("embeddings.position_embeddings", "pos_embed"),
+              ("embeddings.patch_embeddings.projection.", "patch_embed.proj."), ("layers.", "blocks."),
+              ("layernorm_before", "norm1"), ("layernorm_after", "norm2"), ("attention.o_proj", "attn.proj"),
+              ("layernorm.", "norm.")]
+
+
+def _biomedclip_folder(folder, seed=0):
+    """A tiny BiomedCLIP written the way open_clip saves it: transformers' ViTModel (the timm ViT: class token,
+    no pre-norm, biased patch conv, exact GELU, final norm) renamed to timm's names with q, k, v fused into qkv,
+    and a BertModel under text.transformer. Returns the reference image / text encoders."""
+    from transformers import ViTConfig, ViTModel
+    folder.mkdir(exist_ok=True)
+    torch.manual_seed(seed)
+    vit = ViTModel(ViTConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=96,
+                             image_size=32, patch_size=8, layer_norm_eps=1e-6), add_pooling_layer=False).eval()
+    bert = BertModel(HFBertConfig(vocab_size=len(VOCAB), hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=80, max_position_embeddings=40),
+                     add_pooling_layer=False).eval()
+    for p in [*vit.parameters(), *bert.parameters()]:
+        p.data.add_(0.1 * torch.randn_like(p))
+    w_image, w_hidden, w_out = torch.randn(24, 128) / 11, torch.randn(76, 128) / 11, torch.randn(24, 76) / 9
+    sd = {"logit_scale": torch.tensor(4.2), "visual.head.proj.weight": w_image, "text.proj.0.weight": w_hidden,
+          "text.proj.2.weight": w_out, "text.transformer.embeddings.position_ids": torch.arange(40)[None]}
+    vit_sd = vit.state_dict()
+    for k, v in vit_sd.items():
+        if ".attention.k_proj." in k or ".attention.v_proj." in k:
+            continue
+        if ".attention.q_proj." in k:  # timm: one (3D, D) qkv projection
+            v = torch.cat([vit_sd[k.replace("q_proj", n)] for n in ("q_proj", "k_proj", "v_proj")])
+            k = k.replace("attention.q_proj", "attn.qkv")
+        for hf_name, timm_name in TIMM_NAMES:
+            k = k.replace(hf_name, timm_name)
+        sd["visual.trunk." + k] = v
+    sd.update({"text.transformer." + k: v for k, v in bert.state_dict().items()})
+    torch.save(sd, folder / "open_clip_pytorch_model.bin")
+    (folder / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": {"embed_dim": 24,
+                      "vision_cfg": {"timm_model_name": "vit_base_patch16_224", "timm_model_pretrained": False,
+                                     "timm_pool": "", "timm_proj": "linear", "image_size": 32},
+                      "text_cfg": {"hf_model_name": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
+                                   "hf_tokenizer_name": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
+                                   "hf_proj_type": "mlp", "hf_pooler_type": "cls_last_hidden_state_pooler",
+                                   "context_length": 16}},
+        "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}}))
+    _vocab_folder(folder)
+
+    def image_ref(pixels):
+        return F.normalize(vit(pixel_values=pixels).last_hidden_state[:, 0] @ w_image.T, dim=-1)
+
+    def text_ref(ids, mask):
+        cls = bert(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
+        return F.normalize(F.gelu(cls @ w_hidden.T) @ w_out.T, dim=-1)
+
+    return image_ref, text_ref
+
+
+def test_biomedclip_layout_matches_vit_and_bert_references(tmp_path):
+    image_ref, text_ref = _biomedclip_folder(tmp_path)
+    expert = load(tmp_path)
+    assert expert.cfg.vision.num_heads == 2 and expert.cfg.text.num_heads == 2 and expert.cfg.context_length == 16
+    assert expert.logit_scale.item() == pytest.approx(4.2)
+    pixels = torch.randn(2, 3, 32, 32)
+    ids, mask = expert.tokenize([r for group in REPORTS for r in group])
+    assert ids.shape == (8, 16) and (ids[:, 0] == 2).all()  # truncated to the context, [CLS] first
+    with torch.no_grad():
+        image, text = image_ref(pixels), text_ref(ids, mask)
+        torch.testing.assert_close(expert.encode_images(pixels), image, rtol=0, atol=1e-5)
+        torch.testing.assert_close(expert.encode_texts(ids, mask), text, rtol=0, atol=1e-5)
+    want = torch.einsum("be,bge->bg", image, text.view(2, 4, -1))
+    torch.testing.assert_close(expert.similarity(pixels, REPORTS), want, rtol=0, atol=1e-5)
+
+
+def test_save_load_round_trip(tmp_path):
+    _biomedclip_folder(tmp_path / "biomedclip")
+    expert = load(tmp_path / "biomedclip")
+    save(expert, tmp_path / "ours")
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == ["config.json", "model.safetensors",
+                                                                       "tokenizer.json"]
+    again = load(tmp_path / "ours")
+    assert again.cfg == expert.cfg and again.processing == expert.processing
+    for k, v in expert.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
+    pixels = torch.randn(2, 3, 32, 32)
+    assert torch.equal(again.similarity(pixels, REPORTS), expert.similarity(pixels, REPORTS))
+    save(again, tmp_path / "ours")  # overwriting an existing expert folder
+    assert not list(tmp_path.glob(".ours.tmp*"))
+
+
+def test_mismatched_checkpoint_lists_every_key(tmp_path):
+    _biomedclip_folder(tmp_path)
+    sd = torch.load(tmp_path / "open_clip_pytorch_model.bin", weights_only=True)
+    del sd["text.proj.2.weight"]
+    sd["visual.trunk.blocks.0.ls1.gamma"] = torch.ones(128)  # a LayerScale our ViT does not have
+    sd["visual.head.proj.weight"] = torch.zeros(24, 127)
+    torch.save(sd, tmp_path / "open_clip_pytorch_model.bin")
+    with pytest.raises(ValueError) as err:
+        load(tmp_path)
+    msg = str(err.value)
+    assert "open_clip_pytorch_model.bin" in msg
+    assert "missing ['text_projection.2.weight']" in msg
+    assert "unexpected ['visual.trunk.blocks.0.ls1.gamma']" in msg
+    assert "mis-shaped ['visual_projection.weight: (24, 127), expected (24, 128)']" in msg
+
+
+class _Payload:  # unpickling this calls open(path, "w"): code execution, which weights_only must refuse
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_pickle_carrying_code_is_refused(tmp_path):
+    _biomedclip_folder(tmp_path)
+    marker = tmp_path / "pwned"
+    torch.save({"logit_scale": torch.tensor(1.0), "evil": _Payload(str(marker))}, tmp_path / "open_clip_pytorch_model.bin")
+    with pytest.raises(ValueError, match="open_clip_pytorch_model.bin: refused or unreadable"):
+        load(tmp_path)
+    assert not marker.exists()
+
+
+def test_open_clip_config_errors(tmp_path):
+    _biomedclip_folder(tmp_path)
+    config = json.loads((tmp_path / "open_clip_config.json").read_text())
+    config["model_cfg"]["text_cfg"]["hf_pooler_type"] = "mean_pooler"
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="text_cfg.hf_pooler_type = 'mean_pooler'"):
+        load(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a hub id"):
+        load(tmp_path / "no" / "such" / "folder")
+    with pytest.raises(ValueError, match="not an expert checkpoint"):
+        load(tmp_path / "..")
