@@ -1,10 +1,29 @@
 """Natural-language metrics of report generation, numerically identical to pycocoevalcap on the same tokens.
 
-clean_report is the one text normaliser of nanovalor (metrics, rewards and data.py all use it).
+clean_report is the one text normaliser of nanovalor (metrics, rewards and data.py all use it). The metric
+functions take already-normalised strings (words separated by spaces) and follow pycocoevalcap 1.2
+(github.com/salaniz/pycocoevalcap) operation for operation, so that corpus and per-sample values agree to 1e-9:
+
+- bleu:    BLEU-1..4, clipped n-gram counts, "closest" reference length, corpus counts summed over segments,
+           the +1e-15 / +1e-9 guards; per-sample values each with their own brevity penalty (bleu/bleu_scorer.py).
+- rouge_l: LCS-based F-measure with beta = 1.2, max precision and max recall over references, tokens from
+           split(" ") (rouge/rouge.py). The LCS is the bit-parallel algorithm of Allison & Dix (1986) on Python
+           integers: one add / and / or per hypothesis word instead of a len(hyp) x len(ref) table.
+- CiderD:  CIDEr-D (Vedantam et al. 2015), tf-idf n-gram vectors (n = 1..4), document frequencies from a
+           reference corpus given once, clipped similarity, Gaussian length penalty (sigma = 6) on the number of
+           *bigrams* (pycocoevalcap's quirk), x10 (cider/cider_scorer.py).
+- meteor:  METEOR 1.5 (Denkowski & Lavie 2014) with exact and Porter-stem matching only: WordNet synonyms and
+           paraphrase tables are data we do not ship, so scores are lower than the jar's (which also stems with
+           Snowball English and uses its own function-word list); see tests/test_rewards.py for the correlation.
 
     python -m pytest -q tests/test_rewards.py
 """
+import math
 import re
+from collections import Counter
+from functools import lru_cache
+
+import numpy as np
 
 # A word is a run of letters/digits (any script), optionally joined by inner hyphens ("left-sided", "t-spine");
 # a decimal number keeps its point ("2.5"). Everything else (punctuation, underscores of de-identified "___",
@@ -33,3 +52,360 @@ def clean_report(text: str, style: str = "coco") -> str:
     sentences = [" ".join(_WORD.findall(s)) for s in _SENTENCE_END.split(text)]
     sentences = [s for s in sentences if s]
     return " . ".join(sentences) + " ." if sentences else ""
+
+
+def _as_ref_lists(refs):
+    """Each sample's references as a list: "a b" -> ["a b"]; ["a b", "c"] stays."""
+    return [[r] if isinstance(r, str) else list(r) for r in refs]
+
+
+def _ngram_counts(text, n=4):
+    """All 1..n-grams of text.split() with their counts, as tuples of words."""
+    words = text.split()
+    counts = Counter()
+    for k in range(1, n + 1):
+        counts.update(zip(*(words[i:] for i in range(k))))
+    return len(words), counts
+
+
+# ----------------------------------------------------------------------------------------------------------- BLEU
+
+def _bleu_ref_stats(ref_list, n):
+    """Lengths of the references and the max count of every n-gram over them (BLEU's clipping)."""
+    lengths, max_counts = [], {}
+    for ref in ref_list:
+        length, counts = _ngram_counts(ref, n)
+        lengths.append(length)
+        for gram, c in counts.items():
+            if c > max_counts.get(gram, 0):
+                max_counts[gram] = c
+    return lengths, max_counts
+
+
+def bleu(hyps, refs, n=4, hyp_counts=None):
+    """BLEU-1..n. Returns (corpus [n floats], per_sample array (N, n)); refs: one str or a list per sample."""
+    small, tiny = 1e-9, 1e-15  # pycocoevalcap's guards against 0/0
+    ref_lists, cache = _as_ref_lists(refs), {}
+    per_sample = np.zeros((len(hyps), n))
+    total_correct, total_guess, total_test, total_ref = [0] * n, [0] * n, 0, 0
+    for i, (hyp, ref_list) in enumerate(zip(hyps, ref_lists)):
+        key = tuple(ref_list)  # a GRPO group shares its reference: its n-grams are counted once
+        ref_lengths, max_counts = cache[key] if key in cache else cache.setdefault(key, _bleu_ref_stats(ref_list, n))
+        test_len, counts = hyp_counts[i] if hyp_counts is not None else _ngram_counts(hyp, n)
+        ref_len = min((abs(length - test_len), length) for length in ref_lengths)[1]  # "closest", ties -> shorter
+        correct = [0] * n
+        for gram, c in counts.items():
+            if len(gram) <= n:
+                correct[len(gram) - 1] += min(max_counts.get(gram, 0), c)
+        guess = [max(0, test_len - k) for k in range(n)]
+        score = 1.0
+        for k in range(n):
+            score *= (float(correct[k]) + tiny) / (float(guess[k]) + small)
+            per_sample[i, k] = score ** (1.0 / (k + 1))
+            total_correct[k] += correct[k]
+            total_guess[k] += guess[k]
+        ratio = (test_len + tiny) / (ref_len + small)
+        if ratio < 1:  # brevity penalty
+            per_sample[i] *= math.exp(1 - 1 / ratio)
+        total_test += test_len
+        total_ref += ref_len
+    corpus, score = [], 1.0
+    for k in range(n):
+        score *= float(total_correct[k] + tiny) / (total_guess[k] + small)
+        corpus.append(score ** (1.0 / (k + 1)))
+    ratio = (total_test + tiny) / (total_ref + small)
+    if ratio < 1:
+        corpus = [c * math.exp(1 - 1 / ratio) for c in corpus]
+    return corpus, per_sample
+
+
+# -------------------------------------------------------------------------------------------------------- ROUGE-L
+
+def lcs_length(a, b):
+    """Length of the longest common subsequence of token lists a and b (bit-parallel, Allison & Dix 1986).
+
+    Bit j of `row` is 1 while b[j] is still unmatched; each token of a adds the match mask of its positions in b
+    and the carries propagate the LCS recurrence along b in one integer addition.
+    """
+    if not a or not b:
+        return 0
+    masks = {}
+    for j, tok in enumerate(b):
+        masks[tok] = masks.get(tok, 0) | (1 << j)
+    full = (1 << len(b)) - 1
+    row = full
+    for tok in a:
+        m = masks.get(tok)
+        if m:
+            u = row & m
+            row = ((row + u) | (row - u)) & full
+    return len(b) - row.bit_count()
+
+
+def rouge_l(hyps, refs, beta=1.2):
+    """ROUGE-L F (beta = 1.2). Returns (corpus mean, per_sample array (N,))."""
+    scores = np.zeros(len(hyps))
+    for i, (hyp, ref_list) in enumerate(zip(hyps, _as_ref_lists(refs))):
+        hyp_tokens = hyp.split(" ")  # split(" "), not split(): "" is one empty token, as in pycocoevalcap
+        prec, rec = [], []
+        for ref in ref_list:
+            ref_tokens = ref.split(" ")
+            lcs = lcs_length(hyp_tokens, ref_tokens)
+            prec.append(lcs / float(len(hyp_tokens)))
+            rec.append(lcs / float(len(ref_tokens)))
+        p, r = max(prec), max(rec)
+        if p != 0 and r != 0:
+            scores[i] = ((1 + beta ** 2) * p * r) / float(r + beta ** 2 * p)
+    return float(np.mean(scores)) if len(scores) else 0.0, scores
+
+
+# -------------------------------------------------------------------------------------------------------- CIDEr-D
+
+class CiderD:
+    """CIDEr-D with document frequencies from a reference corpus, computed once and reused.
+
+    corpus: one entry per image, a reference string or a list of them. pycocoevalcap takes the document
+    frequencies from the evaluated corpus itself; for GRPO pass the training references once and score every
+    step's samples against them (an n-gram unseen in the corpus gets the largest idf, log(len(corpus))).
+    """
+
+    def __init__(self, corpus, n=4, sigma=6.0):
+        self.n, self.sigma = n, sigma
+        self.df = Counter()
+        for ref_list in _as_ref_lists(corpus):
+            self.df.update({gram for ref in ref_list for gram in _ngram_counts(ref, n)[1]})
+        self.ref_len = np.log(float(max(1, len(corpus))))  # log(#documents)
+
+    def _vector(self, counts):
+        """tf-idf vector per n (dicts), their L2 norms, and the "length" (number of bigrams, as pycocoevalcap)."""
+        vec = [{} for _ in range(self.n)]
+        norm = [0.0] * self.n
+        length = 0
+        for gram, tf in counts.items():
+            k = len(gram) - 1
+            if k >= self.n:
+                continue
+            w = float(tf) * (self.ref_len - np.log(max(1.0, self.df.get(gram, 0.0))))
+            vec[k][gram] = w
+            norm[k] += pow(w, 2)
+            if k == 1:
+                length += tf
+        return vec, [np.sqrt(x) for x in norm], length
+
+    def _sim(self, hyp, ref):
+        (vec_h, norm_h, len_h), (vec_r, norm_r, len_r) = hyp, ref
+        delta = float(len_h - len_r)
+        val = np.zeros(self.n)
+        for k in range(self.n):
+            vr = vec_r[k]
+            for gram, w in vec_h[k].items():
+                r = vr.get(gram, 0.0)
+                val[k] += min(w, r) * r  # clipped: repeating a word does not pay
+            if norm_h[k] != 0 and norm_r[k] != 0:
+                val[k] /= norm_h[k] * norm_r[k]
+            val[k] *= np.e ** (-(delta ** 2) / (2 * self.sigma ** 2))
+        return val
+
+    def __call__(self, hyps, refs, hyp_counts=None):
+        """Per-sample CIDEr-D, array (N,); refs: one str or a list per sample."""
+        cache, scores = {}, np.zeros(len(hyps))
+        for i, (hyp, ref_list) in enumerate(zip(hyps, _as_ref_lists(refs))):
+            counts = hyp_counts[i][1] if hyp_counts is not None else _ngram_counts(hyp, self.n)[1]
+            vec = self._vector(counts)
+            score = np.zeros(self.n)
+            for ref in ref_list:
+                ref_vec = cache[ref] if ref in cache else cache.setdefault(
+                    ref, self._vector(_ngram_counts(ref, self.n)[1]))
+                score += self._sim(vec, ref_vec)
+            scores[i] = np.mean(score) / len(ref_list) * 10.0
+        return scores
+
+
+def cider_d(hyps, refs):
+    """Corpus CIDEr-D as pycocoevalcap computes it (document frequencies from these refs): (mean, per_sample)."""
+    scores = CiderD(refs)(hyps, refs)
+    return float(np.mean(scores)) if len(scores) else 0.0, scores
+
+
+# ------------------------------------------------------------------------------------------------- Porter stemmer
+
+def _consonant_pattern(word):
+    """'c'/'v' per letter: a, e, i, o, u are vowels, and y after a consonant (Porter 1980, section 2)."""
+    out = []
+    for i, ch in enumerate(word):
+        vowel = ch in "aeiou" or (ch == "y" and i > 0 and out[i - 1] == "c")
+        out.append("v" if vowel else "c")
+    return "".join(out)
+
+
+def _measure(stem):
+    """m in [C](VC)^m[V]: the number of vowel-consonant transitions."""
+    return _consonant_pattern(stem).count("vc")
+
+
+def _has_vowel(stem):
+    return "v" in _consonant_pattern(stem)
+
+
+def _double_consonant(stem):
+    return len(stem) >= 2 and stem[-1] == stem[-2] and _consonant_pattern(stem)[-1] == "c"
+
+
+def _cvc(stem):
+    """*o: the stem ends consonant-vowel-consonant and the last consonant is not w, x or y."""
+    return len(stem) >= 3 and _consonant_pattern(stem)[-3:] == "cvc" and stem[-1] not in "wxy"
+
+
+def _apply_first(word, rules, min_measure):
+    """Steps 2-4: the first rule whose suffix matches decides; it applies only if the stem's m is big enough."""
+    for suffix, repl in rules:
+        if word.endswith(suffix):
+            stem = word[:len(word) - len(suffix)]
+            if suffix == "ion" and not stem.endswith(("s", "t")):
+                return word
+            return stem + repl if _measure(stem) > min_measure else word
+    return word
+
+
+_STEP2 = [("ational", "ate"), ("tional", "tion"), ("enci", "ence"), ("anci", "ance"), ("izer", "ize"),
+          ("abli", "able"), ("alli", "al"), ("entli", "ent"), ("eli", "e"), ("ousli", "ous"), ("ization", "ize"),
+          ("ation", "ate"), ("ator", "ate"), ("alism", "al"), ("iveness", "ive"), ("fulness", "ful"),
+          ("ousness", "ous"), ("aliti", "al"), ("iviti", "ive"), ("biliti", "ble")]
+_STEP3 = [("icate", "ic"), ("ative", ""), ("alize", "al"), ("iciti", "ic"), ("ical", "ic"), ("ful", ""),
+          ("ness", "")]
+_STEP4 = [(s, "") for s in ("al", "ance", "ence", "er", "ic", "able", "ible", "ant", "ement", "ment", "ent", "ion",
+                            "ou", "ism", "ate", "iti", "ous", "ive", "ize")]
+
+
+@lru_cache(maxsize=65536)
+def porter_stem(word: str) -> str:
+    """The Porter (1980) stemmer, as published ("An algorithm for suffix stripping", Program 14(3)).
+
+    Words of one or two letters are returned unchanged (as Porter's own implementations do).
+    """
+    w = word
+    if len(w) <= 2:
+        return w
+    # Step 1a: plurals.
+    if w.endswith("sses") or w.endswith("ies"):
+        w = w[:-2]
+    elif w.endswith("s") and not w.endswith("ss"):
+        w = w[:-1]
+    # Step 1b: -eed, -ed, -ing.
+    if w.endswith("eed"):
+        if _measure(w[:-3]) > 0:
+            w = w[:-1]
+    else:
+        for suffix in ("ed", "ing"):
+            if w.endswith(suffix) and _has_vowel(w[:-len(suffix)]):
+                w = w[:-len(suffix)]
+                if w.endswith(("at", "bl", "iz")):
+                    w += "e"
+                elif _double_consonant(w) and w[-1] not in "lsz":
+                    w = w[:-1]
+                elif _measure(w) == 1 and _cvc(w):
+                    w += "e"
+                break
+    # Step 1c: y -> i after a vowel in the stem.
+    if w.endswith("y") and _has_vowel(w[:-1]):
+        w = w[:-1] + "i"
+    w = _apply_first(w, _STEP2, 0)
+    w = _apply_first(w, _STEP3, 0)
+    w = _apply_first(w, _STEP4, 1)
+    # Step 5: a final -e, a final double l.
+    if w.endswith("e"):
+        m = _measure(w[:-1])
+        if m > 1 or (m == 1 and not _cvc(w[:-1])):
+            w = w[:-1]
+    if _measure(w) > 1 and _double_consonant(w) and w.endswith("l"):
+        w = w[:-1]
+    return w
+
+
+# --------------------------------------------------------------------------------------------------------- METEOR
+
+# METEOR 1.5 defaults for English, task "rank" (Denkowski & Lavie 2014): alpha, beta, gamma, delta; module weights.
+METEOR_ALPHA, METEOR_BETA, METEOR_GAMMA, METEOR_DELTA = 0.85, 0.20, 0.60, 0.75
+METEOR_EXACT, METEOR_STEM = 1.0, 0.6
+# Function words weigh 1 - delta in precision and recall, content words delta. Our own list of English
+# determiners, pronouns, prepositions, conjunctions and auxiliaries (the jar ships a frequency-derived one).
+FUNCTION_WORDS = frozenset("""
+a an the this that these those there here it its i we you he she they them their his her our your who whom which
+what when where why how of to in on at by for with from into onto over under about after before between through
+during without within than as per via up out off and or nor but if then so also not no yes is are was were be been
+being am has have had do does did can could may might will would should shall must all any some each both other
+such more most very only just own same too s t""".split())
+
+
+def _meteor_stats(hyp, ref):
+    """Sufficient statistics of one aligned pair, as the jar's -ssOut lists them in spirit:
+    [hyp content len, hyp function len, ref content len, ref function len, weighted hyp content matches,
+     weighted hyp function matches, weighted ref content matches, weighted ref function matches, chunks,
+     matches, hyp len, ref len]."""
+    h, r = hyp.split(), ref.split()
+    hs, rs = [porter_stem(w) for w in h], [porter_stem(w) for w in r]
+    where = {}
+    for j, s in enumerate(rs):
+        where.setdefault(s, []).append(j)
+    # Alignment: the longest run of still-free word pairs with equal stems first (fewest chunks), ties to the
+    # run with the smallest position shift |i - j|; repeat until no free pair matches. With one-word matches this
+    # is a maximum matching, as METEOR's aligner requires.
+    h_free, r_free, pairs = [True] * len(h), [True] * len(r), []
+    while True:
+        run, best = {}, None
+        for i, s in enumerate(hs):
+            if h_free[i]:
+                for j in where.get(s, ()):
+                    if r_free[j]:
+                        length = run.get((i - 1, j - 1), 0) + 1
+                        run[(i, j)] = length
+                        if best is None or (length, -abs(i - j)) > (best[0], -abs(best[1] - best[2])):
+                            best = (length, i, j)
+        if best is None:
+            break
+        length, i, j = best
+        for t in range(length):
+            h_free[i - t] = r_free[j - t] = False
+            pairs.append((i - t, j - t))
+    pairs.sort()
+    chunks = sum(1 for k, (i, j) in enumerate(pairs) if k == 0 or (i, j) != (pairs[k - 1][0] + 1, pairs[k - 1][1] + 1))
+    stats = np.zeros(12)
+    stats[0] = sum(w not in FUNCTION_WORDS for w in h)
+    stats[1] = len(h) - stats[0]
+    stats[2] = sum(w not in FUNCTION_WORDS for w in r)
+    stats[3] = len(r) - stats[2]
+    for i, j in pairs:
+        weight = METEOR_EXACT if h[i] == r[j] else METEOR_STEM
+        stats[4 if h[i] not in FUNCTION_WORDS else 5] += weight
+        stats[6 if r[j] not in FUNCTION_WORDS else 7] += weight
+    stats[8], stats[9], stats[10], stats[11] = chunks, len(pairs), len(h), len(r)
+    return stats
+
+
+def _meteor_score(st):
+    d = METEOR_DELTA
+    p_den, r_den = d * st[0] + (1 - d) * st[1], d * st[2] + (1 - d) * st[3]
+    p = (d * st[4] + (1 - d) * st[5]) / p_den if p_den > 0 else 0.0
+    r = (d * st[6] + (1 - d) * st[7]) / r_den if r_den > 0 else 0.0
+    if p == 0 or r == 0:
+        return 0.0
+    fmean = p * r / (METEOR_ALPHA * p + (1 - METEOR_ALPHA) * r)
+    chunks, matches = st[8], st[9]
+    perfect = matches == st[10] and matches == st[11] and chunks == 1  # no fragmentation penalty
+    frag = 0.0 if perfect else chunks / matches
+    return float(fmean * (1 - METEOR_GAMMA * frag ** METEOR_BETA))
+
+
+def meteor(hyps, refs):
+    """METEOR 1.5 with exact + Porter-stem matching. Returns (corpus, per_sample (N,)).
+
+    With several references the best-scoring one counts; the corpus score comes from the summed statistics of
+    those best pairs (as the jar's EVAL line), not from the mean of the segment scores.
+    """
+    scores, total = np.zeros(len(hyps)), np.zeros(12)
+    for i, (hyp, ref_list) in enumerate(zip(hyps, _as_ref_lists(refs))):
+        best = max(((_meteor_score(st), k, st) for k, st in enumerate(_meteor_stats(hyp, r) for r in ref_list)),
+                   key=lambda x: (x[0], -x[1]))
+        scores[i] = best[0]
+        total += best[2]
+    return (_meteor_score(total) if len(hyps) else 0.0), scores
