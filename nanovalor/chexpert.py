@@ -186,10 +186,13 @@ def _anatomy_label(kinds, i):
             seen_verb = True
         elif k in _MENTIONS and seen_verb:
             break
-    if q is None:  # "normal heart size", "enlarged cardiac silhouette"
-        if i == 0 or kinds[i - 1] not in ("normal", "abnormal", "borderline"):
+    if q is None:  # "normal heart size", "enlarged cardiac silhouette", "normal heart size and mediastinal contours"
+        q = i - 1
+        while q >= 0 and kinds[q] in ("a0", "a1"):
+            q -= 1
+        if q < 0 or kinds[q] not in ("normal", "abnormal", "borderline"):
             return None
-        q, between, before = i - 1, (), i - 1
+        between, before = (), q
     else:
         between, before = kinds[i + 1:q], i
     if kinds[q] == "normal":
@@ -207,6 +210,8 @@ def _anatomy_label(kinds, i):
 def _label_clause(names, found):
     kinds = [_KIND.get(n, n) for n in names]
     for i, name in enumerate(names):
+        if name not in _MENTIONS:
+            continue
         if name[0] == "m" or name == "hf":
             label = _post_cue(kinds, i)
             if label is None:
@@ -216,7 +221,7 @@ def _label_clause(names, found):
             found.setdefault(obs, []).append(label)
             if name == "hf" and label != 0.0:
                 found.setdefault(CARDIOMEGALY, []).append(-1.0)
-        elif name[0] == "a":
+        else:  # anatomy
             label = _anatomy_label(kinds, i)
             if label is not None:
                 found.setdefault(int(name[1:]), []).append(label)
