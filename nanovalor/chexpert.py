@@ -48,7 +48,7 @@ _FINDINGS = {
     3: [r"mass(?:es)?", r"nodul(?:e|es|ar|arity)", r"nodular (?:densit\w*|opacit\w*|opacification)", r"lump",
         r"lesions?", r"carcinoma", r"neoplasm\w*", r"tumou?rs?", r"malignan\w*", r"cavitary lesion", r"cavitation"],
     4: [r"o?edema\w*", r"edmea", r"vascular (?:congestion|engorgement|prominence)", r"(?:pulmonary )?congestion",
-        r"congestive", r"indistinct\w*", r"fluid overload", r"kerley b? ?lines?"],
+        r"congestive", r"indistinct\w*", r"fluid overload", r"kerley(?: b)? lines?"],
     5: [r"consolidat\w*", r"consolidaton", r"consolodation", r"consoldation"],
     6: [r"pneumonias?", r"bronchopneumonia", r"pneumonitis", r"pnuemonia", r"pneumona", r"pnemonia", r"pna",
         r"infection", r"infectious(?: process)?"],
@@ -77,6 +77,8 @@ _FINDINGS = {
 _ANATOMY = {
     0: [r"cardiomediastin\w*(?: (?:silhouette|contours?|shadow|width|structures))?",
         r"mediastinum", r"mediastinal (?:contours?|silhouette|width|configuration|shadow|structures)",
+        r"(?:hilar and )?mediastinal and hilar (?:contours?|silhouettes?|structures)",
+        r"hilar and mediastinal (?:contours?|silhouettes?|structures)",
         r"pericardial silhouette"],
     1: [r"heart size", r"heart", r"cardiac (?:silhouette|size|shadow|contours?)", r"cardiac(?= and mediastinal)"],
 }
@@ -85,7 +87,7 @@ _CUES = {
     "skip": [r"(?:behind|over|overlying|projecting over|through|beyond|obscur\w*|along|left of|right of|near|"
              r"adjacent to|at) the heart", r"(?:left |right )?heart borders?", r"cardiac borders?",
              r"pericardial effusions?", r"pleural line", r"calcified (?:nodul\w*|lymph nodes?)", r"massive",
-             r"(?:lytic|sclerotic|blastic|osseous|bony|skin) lesions?"],
+             r"(?:lytic|sclerotic|blastic|osseous|bony|skin) lesions?", r"plate-?like"],
     "pseudo": [r"no (?:significant |appreciable |substantial |interval |definite |other )*(?:change|increase|decrease|"
                r"progression|worsening|improvement)", r"not (?:significantly )?changed", r"without (?:significant |"
                r"interval )?change", r"not only", r"gram negative"],
@@ -99,7 +101,7 @@ _CUES = {
     "uncpost": [r"(?:is|are|was|were) (?:also |again )?(?:possible|likely|suspected|questioned|questionable|"
                 r"a consideration|not excluded)", r"(?:may|might|could) (?:also )?be (?:present|seen)"],
     "versus": [r"versus", r"vs\.?"],  # "atelectasis versus pneumonia": both uncertain
-    "neg": [r"no", r"not", r"without", r"w/o", r"negative for", r"free of", r"absence of", r"resolution of",
+    "neg": [r"no (?:suspicious|concerning|worrisome)", r"no", r"not", r"without", r"w/o", r"negative for", r"free of", r"absence of", r"resolution of",
             r"clear of", r"rather than", r"never", r"none", r"neither", r"nor", r"lack of",
             r"removal of", r"interval removal of"],
     "uncweak": [r"(?:to )?suggest\w*", r"(?:to )?indicat\w*", r"to represent"],
@@ -116,7 +118,7 @@ _CUES = {
     "affirm": [r"present", r"seen", r"noted", r"identified", r"demonstrated", r"visualized", r"evident",
                r"appreciated", r"observed", r"visible", r"detected"],
     "stopword": [r"but", r"however", r"although", r"though", r"except", r"aside from", r"apart from", r"which",
-                 r"whereas", r"while", r"where"],
+                 r"whereas", r"while", r"where", r"following", r"after", r"status post", r"s/p"],
 }
 
 
@@ -159,33 +161,38 @@ def _pre_cue(kinds, i):
 
 def _post_cue(kinds, i):
     """Label from the cues after a finding mention ("is not seen", "cannot be excluded"): 0, -1 or None."""
-    seen_verb = False
+    seen_verb = seen_mention = False
     for k in kinds[i + 1:i + 1 + _WINDOW]:
         if k == "negpost":
             return 0.0
-        if k in ("uncpost", "uncneg", "versus"):
+        if k in ("uncpost", "uncneg") or (k == "versus" and not seen_mention):  # "X versus Y": X and Y only
             return -1.0
         if k == "affirm":
             return None
         if k == "copula":
             seen_verb = True
-        elif k in _MENTIONS and seen_verb:  # a new subject after the verb: its own predicate follows
-            return None
+        elif k in _MENTIONS:
+            if seen_verb:  # a new subject after the verb: its own predicate follows
+                return None
+            seen_mention = True
     return None
 
 
 def _anatomy_label(kinds, i):
     """An anatomical mention: labelled by the first size qualifier after it (or the one right before it)."""
-    seen_verb, q = False, None
+    seen_verb, q, unsure = False, None, False
     for j in range(i + 1, min(len(kinds), i + 1 + _WINDOW)):
         k = kinds[j]
         if k in ("normal", "abnormal", "borderline"):
             q = j
             break
+        unsure |= k == "unc"
         if k == "copula":
             seen_verb = True
         elif k in _MENTIONS and seen_verb:
             break
+    if q is None and unsure:  # "the heart is borderline in size"
+        return -1.0
     if q is None:  # "normal heart size", "enlarged cardiac silhouette", "normal heart size and mediastinal contours"
         q = i - 1
         while q >= 0 and kinds[q] in ("a0", "a1"):
