@@ -18,6 +18,7 @@ functions take already-normalised strings (words separated by spaces) and follow
 
     python -m pytest -q tests/test_rewards.py
 """
+import heapq
 import math
 import re
 from collections import Counter
@@ -337,36 +338,57 @@ being am has have had do does did can could may might will would should shall mu
 such more most very only just own same too s t""".split())
 
 
-def _meteor_stats(hyp, ref):
-    """Sufficient statistics of one aligned pair, as the jar's -ssOut lists them in spirit:
-    [hyp content len, hyp function len, ref content len, ref function len, weighted hyp content matches,
-     weighted hyp function matches, weighted ref content matches, weighted ref function matches, chunks,
-     matches, hyp len, ref len]."""
-    h, r = hyp.split(), ref.split()
-    hs, rs = [porter_stem(w) for w in h], [porter_stem(w) for w in r]
+# METEOR reads the first this many words of each text: real reports are far shorter, and it bounds the work on a
+# degenerate rollout ("no no no ..." x 10,000) to a fraction of a second.
+METEOR_MAX_WORDS = 256
+
+
+def _align(hs, rs):
+    """Pairs (i, j) of equal stems, each word in at most one pair, as many pairs as possible, in few chunks.
+
+    Runs of consecutive equal stems along a diagonal j - i are taken longest first (fewest chunks), ties to the
+    smallest shift |i - j| (METEOR's last tie-break); a run partly taken is split into its free pieces, which go
+    back in the queue. With one-word matches the result is a maximum matching, as METEOR's aligner requires.
+    """
     where = {}
     for j, s in enumerate(rs):
         where.setdefault(s, []).append(j)
-    # Alignment: the longest run of still-free word pairs with equal stems first (fewest chunks), ties to the
-    # run with the smallest position shift |i - j|; repeat until no free pair matches. With one-word matches this
-    # is a maximum matching, as METEOR's aligner requires.
-    h_free, r_free, pairs = [True] * len(h), [True] * len(r), []
-    while True:
-        run, best = {}, None
-        for i, s in enumerate(hs):
-            if h_free[i]:
-                for j in where.get(s, ()):
-                    if r_free[j]:
-                        length = run.get((i - 1, j - 1), 0) + 1
-                        run[(i, j)] = length
-                        if best is None or (length, -abs(i - j)) > (best[0], -abs(best[1] - best[2])):
-                            best = (length, i, j)
-        if best is None:
-            break
-        length, i, j = best
-        for t in range(length):
-            h_free[i - t] = r_free[j - t] = False
-            pairs.append((i - t, j - t))
+    pairs = {(i, j) for i, s in enumerate(hs) for j in where.get(s, ())}
+    queue = []
+    for i, j in pairs:
+        if (i - 1, j - 1) not in pairs:  # a run starts here
+            length = 1
+            while (i + length, j + length) in pairs:
+                length += 1
+            queue.append((-length, abs(i - j), i, j))
+    heapq.heapify(queue)
+    h_free, r_free, taken = [True] * len(hs), [True] * len(rs), []
+    while queue:
+        neg_length, shift, i, j = heapq.heappop(queue)
+        free = [h_free[i + t] and r_free[j + t] for t in range(-neg_length)]
+        if all(free):
+            for t in range(-neg_length):
+                h_free[i + t] = r_free[j + t] = False
+                taken.append((i + t, j + t))
+            continue
+        t = 0
+        while t < len(free):  # push back the free pieces of a run that another run crossed
+            if free[t]:
+                start = t
+                while t < len(free) and free[t]:
+                    t += 1
+                heapq.heappush(queue, (start - t, shift, i + start, j + start))
+            t += 1
+    return taken
+
+
+def _meteor_stats(hyp, ref):
+    """Sufficient statistics of one aligned pair (in the spirit of the jar's -ssOut):
+    [hyp content len, hyp function len, ref content len, ref function len, weighted hyp content matches,
+     weighted hyp function matches, weighted ref content matches, weighted ref function matches, chunks,
+     matches, hyp len, ref len]."""
+    h, r = hyp.split()[:METEOR_MAX_WORDS], ref.split()[:METEOR_MAX_WORDS]
+    pairs = _align([porter_stem(w) for w in h], [porter_stem(w) for w in r])
     pairs.sort()
     chunks = sum(1 for k, (i, j) in enumerate(pairs) if k == 0 or (i, j) != (pairs[k - 1][0] + 1, pairs[k - 1][1] + 1))
     stats = np.zeros(12)
@@ -397,7 +419,8 @@ def _meteor_score(st):
 
 
 def meteor(hyps, refs):
-    """METEOR 1.5 with exact + Porter-stem matching. Returns (corpus, per_sample (N,)).
+    """METEOR 1.5 with exact + Porter-stem matching, on the first METEOR_MAX_WORDS words of each text.
+    Returns (corpus, per_sample (N,)).
 
     With several references the best-scoring one counts; the corpus score comes from the summed statistics of
     those best pairs (as the jar's EVAL line), not from the mean of the segment scores.
