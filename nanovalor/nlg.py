@@ -61,12 +61,9 @@ def _as_ref_lists(refs):
 
 
 def _ngram_counts(text, n=4):
-    """All 1..n-grams of text.split() with their counts, as tuples of words."""
+    """(number of words, [Counter of the k-grams of text.split(), as tuples of words, for k = 1..n])."""
     words = text.split()
-    counts = Counter()
-    for k in range(1, n + 1):
-        counts.update(zip(*(words[i:] for i in range(k))))
-    return len(words), counts
+    return len(words), [Counter(zip(*(words[i:] for i in range(k)))) for k in range(1, n + 1)]
 
 
 # ----------------------------------------------------------------------------------------------------------- BLEU
@@ -77,9 +74,10 @@ def _bleu_ref_stats(ref_list, n):
     for ref in ref_list:
         length, counts = _ngram_counts(ref, n)
         lengths.append(length)
-        for gram, c in counts.items():
-            if c > max_counts.get(gram, 0):
-                max_counts[gram] = c
+        for counter in counts:
+            for gram, c in counter.items():
+                if c > max_counts.get(gram, 0):
+                    max_counts[gram] = c
     return lengths, max_counts
 
 
@@ -94,10 +92,8 @@ def bleu(hyps, refs, n=4, hyp_counts=None):
         ref_lengths, max_counts = cache[key] if key in cache else cache.setdefault(key, _bleu_ref_stats(ref_list, n))
         test_len, counts = hyp_counts[i] if hyp_counts is not None else _ngram_counts(hyp, n)
         ref_len = min((abs(length - test_len), length) for length in ref_lengths)[1]  # "closest", ties -> shorter
-        correct = [0] * n
-        for gram, c in counts.items():
-            if len(gram) <= n:
-                correct[len(gram) - 1] += min(max_counts.get(gram, 0), c)
+        get = max_counts.get
+        correct = [sum(min(get(gram, 0), c) for gram, c in counts[k].items()) for k in range(n)]
         guess = [max(0, test_len - k) for k in range(n)]
         score = 1.0
         for k in range(n):
@@ -122,7 +118,15 @@ def bleu(hyps, refs, n=4, hyp_counts=None):
 
 # -------------------------------------------------------------------------------------------------------- ROUGE-L
 
-def lcs_length(a, b):
+def _positions(b):
+    """token -> integer with bit j set where b[j] is that token."""
+    masks = {}
+    for j, tok in enumerate(b):
+        masks[tok] = masks.get(tok, 0) | (1 << j)
+    return masks
+
+
+def lcs_length(a, b, b_positions=None):
     """Length of the longest common subsequence of token lists a and b (bit-parallel, Allison & Dix 1986).
 
     Bit j of `row` is 1 while b[j] is still unmatched; each token of a adds the match mask of its positions in b
@@ -130,9 +134,7 @@ def lcs_length(a, b):
     """
     if not a or not b:
         return 0
-    masks = {}
-    for j, tok in enumerate(b):
-        masks[tok] = masks.get(tok, 0) | (1 << j)
+    masks = b_positions if b_positions is not None else _positions(b)
     full = (1 << len(b)) - 1
     row = full
     for tok in a:
@@ -145,13 +147,16 @@ def lcs_length(a, b):
 
 def rouge_l(hyps, refs, beta=1.2):
     """ROUGE-L F (beta = 1.2). Returns (corpus mean, per_sample array (N,))."""
-    scores = np.zeros(len(hyps))
+    scores, cache = np.zeros(len(hyps)), {}
     for i, (hyp, ref_list) in enumerate(zip(hyps, _as_ref_lists(refs))):
         hyp_tokens = hyp.split(" ")  # split(" "), not split(): "" is one empty token, as in pycocoevalcap
         prec, rec = [], []
         for ref in ref_list:
-            ref_tokens = ref.split(" ")
-            lcs = lcs_length(hyp_tokens, ref_tokens)
+            if ref not in cache:
+                tokens = ref.split(" ")
+                cache[ref] = tokens, _positions(tokens)
+            ref_tokens, positions = cache[ref]
+            lcs = lcs_length(hyp_tokens, ref_tokens, positions)
             prec.append(lcs / float(len(hyp_tokens)))
             rec.append(lcs / float(len(ref_tokens)))
         p, r = max(prec), max(rec)
@@ -172,39 +177,36 @@ class CiderD:
 
     def __init__(self, corpus, n=4, sigma=6.0):
         self.n, self.sigma = n, sigma
-        self.df = Counter()
+        df = Counter()
         for ref_list in _as_ref_lists(corpus):
-            self.df.update({gram for ref in ref_list for gram in _ngram_counts(ref, n)[1]})
-        self.ref_len = np.log(float(max(1, len(corpus))))  # log(#documents)
+            df.update({gram for ref in ref_list for counter in _ngram_counts(ref, n)[1] for gram in counter})
+        self.ref_len = float(np.log(float(max(1, len(corpus)))))  # log(#documents)
+        # idf of every n-gram of the corpus, computed once; an unseen n-gram has df = 0 -> idf = ref_len.
+        grams = list(df)
+        logs = np.log(np.maximum(1.0, np.array([df[g] for g in grams], dtype=np.float64)))
+        self.idf = dict(zip(grams, (self.ref_len - logs).tolist()))
 
     def _vector(self, counts):
         """tf-idf vector per n (dicts), their L2 norms, and the "length" (number of bigrams, as pycocoevalcap)."""
-        vec = [{} for _ in range(self.n)]
-        norm = [0.0] * self.n
-        length = 0
-        for gram, tf in counts.items():
-            k = len(gram) - 1
-            if k >= self.n:
-                continue
-            w = float(tf) * (self.ref_len - np.log(max(1.0, self.df.get(gram, 0.0))))
-            vec[k][gram] = w
-            norm[k] += pow(w, 2)
-            if k == 1:
-                length += tf
-        return vec, [np.sqrt(x) for x in norm], length
+        idf, ref_len = self.idf, self.ref_len
+        vec = [{gram: float(tf) * idf.get(gram, ref_len) for gram, tf in counter.items()} for counter in counts]
+        norm = [math.sqrt(sum(w * w for w in v.values())) for v in vec]
+        return vec, norm, sum(counts[1].values()) if self.n > 1 else 0
 
     def _sim(self, hyp, ref):
         (vec_h, norm_h, len_h), (vec_r, norm_r, len_r) = hyp, ref
         delta = float(len_h - len_r)
-        val = np.zeros(self.n)
+        penalty = math.e ** (-(delta ** 2) / (2 * self.sigma ** 2))  # Gaussian length penalty
+        val = []
         for k in range(self.n):
-            vr = vec_r[k]
+            vr, total = vec_r[k], 0.0
             for gram, w in vec_h[k].items():
-                r = vr.get(gram, 0.0)
-                val[k] += min(w, r) * r  # clipped: repeating a word does not pay
+                r = vr.get(gram)
+                if r is not None:
+                    total += min(w, r) * r  # clipped: repeating a word does not pay
             if norm_h[k] != 0 and norm_r[k] != 0:
-                val[k] /= norm_h[k] * norm_r[k]
-            val[k] *= np.e ** (-(delta ** 2) / (2 * self.sigma ** 2))
+                total /= norm_h[k] * norm_r[k]
+            val.append(total * penalty)
         return val
 
     def __call__(self, hyps, refs, hyp_counts=None):
@@ -212,13 +214,13 @@ class CiderD:
         cache, scores = {}, np.zeros(len(hyps))
         for i, (hyp, ref_list) in enumerate(zip(hyps, _as_ref_lists(refs))):
             counts = hyp_counts[i][1] if hyp_counts is not None else _ngram_counts(hyp, self.n)[1]
-            vec = self._vector(counts)
-            score = np.zeros(self.n)
+            vec = self._vector(counts[:self.n])
+            score = [0.0] * self.n
             for ref in ref_list:
                 ref_vec = cache[ref] if ref in cache else cache.setdefault(
                     ref, self._vector(_ngram_counts(ref, self.n)[1]))
-                score += self._sim(vec, ref_vec)
-            scores[i] = np.mean(score) / len(ref_list) * 10.0
+                score = [a + b for a, b in zip(score, self._sim(vec, ref_vec))]
+            scores[i] = sum(score) / self.n / len(ref_list) * 10.0  # mean over n, over references, x10
         return scores
 
 
