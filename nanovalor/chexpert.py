@@ -37,7 +37,7 @@ CHEXPERT_LABELS = (
 )
 # The five "competition" observations of CheXpert, used for F1-5.
 COMPETITION_LABELS = ("Cardiomegaly", "Edema", "Consolidation", "Atelectasis", "Pleural Effusion")
-ECM, CARDIOMEGALY, SUPPORT_DEVICES, NO_FINDING, OTHER = 0, 1, 12, 13, 14  # OTHER: findings outside the 14
+CARDIOMEGALY, SUPPORT_DEVICES, NO_FINDING, OTHER = 1, 12, 13, 14  # OTHER: findings outside the 14
 
 # Mention phrases (regex fragments, lower case, " " = any whitespace), after CheXpert's phrases/mention lists
 # with radiologists' synonyms, typos and abbreviations added. Index = position in CHEXPERT_LABELS.
@@ -69,7 +69,7 @@ _FINDINGS = {
          r"generator", r"mediport", r"port-a-cath", r"ports?", r"ett", r"ngt", r"endotracheal", r"nasogastric",
          r"orogastric", r"swan[- ]ganz"],
     # Other findings: they make No Finding blank (CheXpert's phrases/mention/no_finding.txt), nothing else.
-    14: [r"emphysema\w*", r"hyperinfla\w*", r"hyperexpan\w*", r"granulom\w*", r"calcifi\w*", r"scoliosis",
+    OTHER: [r"emphysema\w*", r"hyperinfla\w*", r"hyperexpan\w*", r"granulom\w*", r"calcifi\w*", r"scoliosis",
          r"kyphosis", r"kyphotic", r"degenerat\w*", r"osteopeni\w*", r"osteophyt\w*", r"spondylosis", r"hernia",
          r"copd", r"bronchiectasis", r"plaques?", r"atheroscler\w*", r"thickening", r"cephalization", r"aspiration",
          r"bullae?", r"bullous", r"contusions?", r"metasta\w*", r"pneumomediastinum", r"pneumoperitoneum",
@@ -96,8 +96,8 @@ _CUES = {
                r"progression|worsening|improvement)", r"not (?:significantly )?changed", r"without (?:significant |"
                r"interval )?change", r"not only", r"gram negative"],
     "uncneg": [r"(?:cannot|can not|can't|could not|not|unable to) (?:be )?(?:entirely |completely |definitely )?"
-               r"(?:excluded?|ruled? out)", r"difficult to (?:exclude|rule out)", r"not well (?:seen|visualized|assessed|evaluated)",
-               r"poorly (?:seen|visualized)"],
+               r"(?:excluded?|ruled? out)", r"difficult to (?:exclude|rule out)",
+               r"not well (?:seen|visualized|assessed|evaluated)", r"poorly (?:seen|visualized)"],
     "negpost": [r"not (?:definitely |clearly |convincingly )?(?:seen|identified|present|evident|appreciated|"
                 r"demonstrated|visualized|noted|detected|visible|apparent)", r"no longer (?:seen|present|"
                 r"visualized|evident|identified|apparent|visible)", r"absent", r"(?:has |have )?(?:resolved|cleared)",
@@ -105,17 +105,16 @@ _CUES = {
     "uncpost": [r"(?:is|are|was|were) (?:also |again )?(?:possible|likely|suspected|questioned|questionable|"
                 r"a consideration|not excluded)", r"(?:may|might|could) (?:also )?be (?:present|seen)"],
     "versus": [r"versus", r"vs\.?"],  # "atelectasis versus pneumonia": both uncertain
-    "neg": [r"no (?:suspicious|concerning|worrisome)", r"no", r"not", r"without", r"w/o", r"negative for", r"free of", r"absence of", r"resolution of",
-            r"clear of", r"rather than", r"never", r"none", r"neither", r"nor", r"lack of",
-            r"removal of", r"interval removal of"],
+    "neg": [r"no (?:suspicious|concerning|worrisome)", r"no", r"not", r"without", r"w/o", r"negative for",
+            r"free of", r"absence of", r"resolution of", r"clear of", r"rather than", r"never", r"none", r"neither",
+            r"nor", r"lack of", r"removal of"],
     "uncweak": [r"(?:to )?suggest\w*", r"(?:to )?indicat\w*", r"to represent"],
     "unc": [r"possible", r"possibly", r"probable", r"probably", r"likely", r"may", r"might", r"could", r"perhaps",
             r"questionabl[ey]", r"question of", r"suspicious", r"suspect\w*", r"concern\w*", r"worrisome",
             r"differential", r"consider\w*", r"presum\w*", r"indeterminate", r"equivocal", r"uncertain",
-            r"evaluat\w* for", r"assess\w* for", r"rule out", r"r/o", r"borderline", r"cannot exclude"],
-    "borderline": [r"top[- ]normal", r"upper[- ](?:limits? (?:of )?)?normal", r"high[- ]normal",
-                   r"upper limits? of normal", r"prominen\w*"],
-    "normal": [r"within normal limits", r"wnl", r"normal", r"normal[- ]sized?", r"unremarkable"],
+            r"evaluat\w* for", r"assess\w* for", r"rule out", r"r/o", r"borderline"],
+    "borderline": [r"top[- ]normal", r"upper[- ](?:limits? (?:of )?)?normal", r"high[- ]normal", r"prominen\w*"],
+    "normal": [r"within normal limits", r"wnl", r"normal", r"unremarkable"],
     "abnormal": [r"enlarg\w*", r"widen\w*", r"increased in size", r"large", r"big"],
     "copula": [r"is", r"are", r"was", r"were", r"remains?", r"appears?", r"seems?", r"has been", r"have been",
                r"there"],
@@ -127,6 +126,9 @@ _CUES = {
 
 
 def _compile():
+    """One regex finds every mention and cue of a report in one scan, each as a named group. At a given word the
+    first group that matches wins, so skips ("pericardial effusion") and longer cues ("no change", "cannot be
+    excluded") come before the shorter ones they contain."""
     def group(name, fragments):
         return f"(?P<{name}>" + "|".join(f.replace(" ", r"\s+") for f in fragments) + ")"
     words = [group(kind, frags) for kind, frags in _CUES.items() if kind in ("skip", "pseudo", "uncneg")]
@@ -154,7 +156,7 @@ def _pre_cue(kinds, i):
         k = kinds[j]
         if k in ("copula", "affirm", "negpost"):
             return None
-        if k in ("neg",):
+        if k == "neg":
             return 0.0
         if k in ("unc", "uncneg", "versus"):
             return -1.0
