@@ -1,4 +1,5 @@
-"""Clinical metrics of chest X-ray reports: a rule-based CheXpert-14 labeler, clinical F1, the clinical reward.
+"""Clinical metrics of chest X-ray reports: a rule-based CheXpert-14 labeler, clinical F1, the clinical reward,
+and CheXbert (the BERT labeler) when its weights are given.
 
 The labeler follows the CheXpert labeler's pipeline (Irvin et al. 2019, github.com/stanfordmlgroup/chexpert-labeler):
 mention phrases per observation, negation and uncertainty rules, then the CheXpert aggregation. CheXpert classifies
@@ -19,6 +20,10 @@ Labels per observation: 1.0 positive, 0.0 negative, -1.0 uncertain, None blank. 
 beats uncertain beats negative; "chf"/"heart failure" positive or uncertain adds an uncertain Cardiomegaly;
 No Finding is 1.0 when no observation other than Support Devices (and no other finding such as emphysema,
 granuloma or scoliosis) is positive or uncertain, and blank otherwise.
+
+clinical_f1 scores label vectors as f1chexbert does (uncertain = positive; micro / macro F1 over the 5 competition
+observations and all 14); clinical_reward is a per-sample agreement in (0, 1] (formula in its docstring);
+load_chexbert reads `chexbert.pth` and labels with the same 1.0 / 0.0 / -1.0 / None values.
 
     python -m nanovalor.rewards label reports.txt --out labels.csv
 """
