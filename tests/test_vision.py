@@ -1,4 +1,4 @@
-"""The one ViT of the project (nanovalor.policy.VisionTower) against transformers' CLIP and SigLIP vision models.
+"""The one ViT of the project (nanovalor.vit.VisionTower) against transformers' CLIP and SigLIP vision models.
 
     python -m pytest -q tests/test_vision.py
 """
@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
-from nanovalor.policy import VisionTower, vision_config_from_hf
+from nanovalor.vit import VisionTower, vision_config_from_hf
 
 # Odd sizes on purpose: hidden 36 with 3 heads, intermediate 50, 5x5 patches of 7 px.
 SHAPE = dict(hidden_size=36, intermediate_size=50, num_hidden_layers=3, num_attention_heads=3, image_size=35,

@@ -1,0 +1,146 @@
+"""The project's one ViT: the policy's vision tower (policy.py) and the expert's image tower (expert.py).
+
+One class covers OpenAI CLIP, SigLIP and timm's ViT as BiomedCLIP uses it; parameter names mirror transformers'
+CLIPVisionModel, so HF checkpoints map onto it one to one. Parity with transformers:
+`python -m pytest -q tests/test_vision.py`.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ACTIVATIONS = {
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # OpenAI CLIP
+    "gelu": F.gelu,  # timm ViT (BiomedCLIP)
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),  # SigLIP
+}
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 224
+    patch_size: int = 16
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_layers: int = 12
+    num_heads: int = 12
+    layer_norm_eps: float = 1e-5
+    act: str = "quick_gelu"
+    class_token: bool = True  # CLIP and timm prepend a learned class token; SigLIP does not
+    pre_norm: bool = True  # CLIP applies a LayerNorm to the embeddings before the first block
+    patch_bias: bool = False  # the patch-embedding convolution has a bias in SigLIP and timm
+    num_channels: int = 3
+
+    @property
+    def num_patches(self):
+        return (self.image_size // self.patch_size) ** 2
+
+
+def vision_config_from_hf(d):
+    """VisionConfig from an HF `vision_config` dict (CLIPVisionConfig or SiglipVisionConfig)."""
+    kind = d.get("model_type")
+    if kind not in ("clip_vision_model", "siglip_vision_model"):
+        raise ValueError(f"vision_config.model_type {kind!r}: expected 'clip_vision_model' or 'siglip_vision_model'")
+    clip = kind == "clip_vision_model"
+    act = d.get("hidden_act", "quick_gelu" if clip else "gelu_pytorch_tanh")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"vision_config.hidden_act {act!r}: expected one of {sorted(ACTIVATIONS)}")
+    return VisionConfig(
+        image_size=d.get("image_size", 224), patch_size=d.get("patch_size", 32 if clip else 16),
+        hidden_size=d.get("hidden_size", 768), intermediate_size=d.get("intermediate_size", 3072),
+        num_layers=d.get("num_hidden_layers", 12), num_heads=d.get("num_attention_heads", 12),
+        layer_norm_eps=d.get("layer_norm_eps", 1e-5 if clip else 1e-6), act=act,
+        class_token=clip, pre_norm=clip, patch_bias=not clip, num_channels=d.get("num_channels", 3))
+
+
+class VisionEmbeddings(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size,
+                                         bias=cfg.patch_bias)
+        self.class_embedding = nn.Parameter(torch.zeros(cfg.hidden_size)) if cfg.class_token else None
+        self.position_embedding = nn.Embedding(cfg.num_patches + cfg.class_token, cfg.hidden_size)
+
+    def forward(self, pixel_values):
+        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, D, H/p, W/p)
+        x = x.flatten(2).transpose(1, 2)  # (B, P, D), patches in row-major order
+        if self.class_embedding is not None:
+            x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], dim=1)  # (B, 1+P, D)
+        return x + self.position_embedding.weight
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg.hidden_size
+        self.num_heads = cfg.num_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = (p(x).view(B, T, self.num_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, head_dim), bidirectional
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.act = ACTIVATIONS[cfg.act]
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = VisionAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = VisionMLP(cfg)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class VisionEncoder(nn.Module):  # a module of its own only so that parameter names read encoder.layers.N
+    def __init__(self, cfg):
+        super().__init__()
+        self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.num_layers))
+
+
+class VisionTower(nn.Module):
+    """Pre-LN ViT. `forward` gives the hidden states after a chosen block (what LLaVA feeds its projector);
+    `pooled` gives the post-LayerNorm class token (what a CLIP-style expert projects)."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = VisionEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.pre_norm else None  # sic, HF name
+        self.encoder = VisionEncoder(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, pixel_values, feature_layer=-1):
+        """pixel_values (B, C, S, S) -> (B, T, D) hidden states, T = P (+1 with a class token).
+        feature_layer counts like HF's `hidden_states` tuple: 0 = embeddings, k = after block k, -1 = last block,
+        -2 = second to last (LLaVA). Blocks after the chosen one are not run."""
+        n = len(self.encoder.layers)
+        stop = feature_layer % (n + 1)
+        x = self.embeddings(pixel_values)
+        if self.pre_layrnorm is not None:
+            x = self.pre_layrnorm(x)
+        for block in self.encoder.layers[:stop]:
+            x = block(x)
+        return x
+
+    def pooled(self, pixel_values):
+        """(B, C, S, S) -> (B, D): the class token after the last block and the final LayerNorm."""
+        if not self.cfg.class_token:
+            raise ValueError("pooled(): this ViT has no class token (SigLIP pools with an attention head instead)")
+        return self.post_layernorm(self(pixel_values)[:, 0])
