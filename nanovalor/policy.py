@@ -1,149 +1,558 @@
-"""The policy: a LLaVA-family medical VLM (ViT -> projector -> decoder), owned by us.
+"""The policy: a LLaVA-family medical VLM (ViT -> projector -> decoder), owned by us, and its checkpoints.
 
-(Being built; see issue 2. This first part is the one ViT of the project, shared with expert.py.)
+    model = load("microsoft/llava-med-v1.5-mistral-7b")  # or llava-hf/llava-1.5-7b-hf, or a local folder
+    logits = model(input_ids, pixel_values)  # (B, T, V): transformers' Llava input convention (generate.py
+                                             # builds input_ids: encode_prompt, left_pad)
+
+Here: the projector, the decoder (Llama / Mistral / Qwen2), the LLaVA model with the API GRPO needs (encode each
+image once, hidden states at chosen positions, any padding, gradient checkpointing), configs, `load` / `save` (HF
+llava and original LLaVA / LLaVA-Med layouts). The ViT is vit.py; the tokenizer, chat formats and samplers are
+generate.py. Tests: `python -m pytest -q tests/test_policy.py`.
+
+Not implemented (each refused with a clear error): Mistral's sliding-window attention (longer sequences are
+refused; LLaVA-Med's window is 4096 tokens), RoPE scaling, multi-layer vision features, image start/end tokens.
 """
-from dataclasses import dataclass
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from nanovalor.vit import VisionBlock, VisionConfig, VisionTower, vision_config_from_hf  # noqa: F401 (expert.py)
+
 
 # -----------------------------------------------------------------------------
-# Vision tower: one ViT class for CLIP (class token, pre-LayerNorm, quick-GELU), SigLIP (no class token,
-# GELU-tanh, biased patch conv) and timm's ViT as BiomedCLIP uses it (class token, exact GELU, no pre-norm).
-# Parameter names mirror transformers' CLIPVisionModel so HF checkpoints map onto it one to one.
+# Projector: LLaVA-1.5's `mlp2x_gelu` (Linear, GELU, Linear) or LLaVA-1's single `linear`. HF names linear_1/2.
 
-ACTIVATIONS = {
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # OpenAI CLIP
-    "gelu": F.gelu,  # timm ViT (BiomedCLIP)
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),  # SigLIP
-}
+class Projector(nn.Module):
+    def __init__(self, kind, d_vision, d_text, bias=True):
+        super().__init__()
+        self.linear_1 = nn.Linear(d_vision, d_text, bias=bias)
+        self.linear_2 = nn.Linear(d_text, d_text, bias=bias) if kind == "mlp2x_gelu" else None
 
+    def forward(self, x):  # (B, P, d_vision) -> (B, P, d_text)
+        x = self.linear_1(x)
+        return x if self.linear_2 is None else self.linear_2(F.gelu(x))  # exact GELU, as LLaVA and HF use
+
+
+# -----------------------------------------------------------------------------
+# Decoder: Llama / Mistral / Qwen2 differ only in the fields below. Parameter names mirror transformers'.
 
 @dataclass
-class VisionConfig:
-    image_size: int = 224
-    patch_size: int = 16
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_layers: int = 12
-    num_heads: int = 12
-    layer_norm_eps: float = 1e-5
-    act: str = "quick_gelu"
-    class_token: bool = True  # CLIP and timm prepend a learned class token; SigLIP does not
-    pre_norm: bool = True  # CLIP applies a LayerNorm to the embeddings before the first block
-    patch_bias: bool = False  # the patch-embedding convolution has a bias in SigLIP and timm
-    num_channels: int = 3
-
-    @property
-    def num_patches(self):
-        return (self.image_size // self.patch_size) ** 2
-
-
-def vision_config_from_hf(d):
-    """VisionConfig from an HF `vision_config` dict (CLIPVisionConfig or SiglipVisionConfig)."""
-    kind = d.get("model_type")
-    if kind not in ("clip_vision_model", "siglip_vision_model"):
-        raise ValueError(f"vision_config.model_type {kind!r}: expected 'clip_vision_model' or 'siglip_vision_model'")
-    clip = kind == "clip_vision_model"
-    act = d.get("hidden_act", "quick_gelu" if clip else "gelu_pytorch_tanh")
-    if act not in ACTIVATIONS:
-        raise ValueError(f"vision_config.hidden_act {act!r}: expected one of {sorted(ACTIVATIONS)}")
-    return VisionConfig(
-        image_size=d.get("image_size", 224), patch_size=d.get("patch_size", 32 if clip else 16),
-        hidden_size=d.get("hidden_size", 768), intermediate_size=d.get("intermediate_size", 3072),
-        num_layers=d.get("num_hidden_layers", 12), num_heads=d.get("num_attention_heads", 12),
-        layer_norm_eps=d.get("layer_norm_eps", 1e-5 if clip else 1e-6), act=act,
-        class_token=clip, pre_norm=clip, patch_bias=not clip, num_channels=d.get("num_channels", 3))
+class DecoderConfig:
+    model_type: str = "llama"  # llama | mistral | qwen2 (decides the default chat format)
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32  # < num_heads: grouped-query attention
+    head_dim: int = 128
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    qkv_bias: bool = False  # Qwen2: True
+    o_bias: bool = False  # Llama's attention_bias=True biases o_proj too
+    mlp_bias: bool = False
+    tie_embeddings: bool = False  # lm_head shares embed_tokens' weight (small Qwen2s)
+    sliding_window: int | None = None  # Mistral: attention window, not implemented; longer sequences are refused
 
 
-class VisionEmbeddings(nn.Module):
-    def __init__(self, cfg):
+class RMSNorm(nn.Module):
+    def __init__(self, d, eps):
         super().__init__()
-        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size,
-                                         bias=cfg.patch_bias)
-        self.class_embedding = nn.Parameter(torch.zeros(cfg.hidden_size)) if cfg.class_token else None
-        self.position_embedding = nn.Embedding(cfg.num_patches + cfg.class_token, cfg.hidden_size)
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
 
-    def forward(self, pixel_values):
-        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, D, H/p, W/p)
-        x = x.flatten(2).transpose(1, 2)  # (B, P, D), patches in row-major order
-        if self.class_embedding is not None:
-            x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], dim=1)  # (B, 1+P, D)
-        return x + self.position_embedding.weight
+    def forward(self, x):  # normalise in fp32, scale in the input dtype (as transformers does, for bf16 parity)
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
-class VisionAttention(nn.Module):
-    def __init__(self, cfg):
+def rope_cos_sin(positions, head_dim, theta, dtype):
+    """positions (B, T) -> cos, sin (B, T, head_dim), computed in fp32 (RoFormer, arXiv 2104.09864; the
+    half-split layout of Llama's HF weights). Recomputed per call: no buffer that a dtype cast could round."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    freqs = positions[..., None].float() * inv_freq  # (B, T, head_dim/2)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):  # x (B, H, T, hd), cos/sin (B, T, hd)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos[:, None] + torch.cat([-x2, x1], dim=-1) * sin[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig, layer_idx):
         super().__init__()
-        d = cfg.hidden_size
-        self.num_heads = cfg.num_heads
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+        self.layer_idx, self.n_heads, self.n_kv, self.hd = layer_idx, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, H_kv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # see generate.KVCache: stores the new columns, returns all of them (B, H_kv, S, hd)
+            k, v = cache.update(self.layer_idx, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=self.n_kv != self.n_heads)  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):  # SwiGLU (Shazeer, arXiv 2002.05202)
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x):
-        B, T, D = x.shape
-        q, k, v = (p(x).view(B, T, self.num_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, head_dim), bidirectional
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class VisionMLP(nn.Module):
-    def __init__(self, cfg):
+class DecoderBlock(nn.Module):
+    def __init__(self, cfg: DecoderConfig, layer_idx):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-        self.act = ACTIVATIONS[cfg.act]
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
 
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, x, cos, sin, mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class VisionBlock(nn.Module):
-    def __init__(self, cfg):
+class Decoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
         super().__init__()
-        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.self_attn = VisionAttention(cfg)
-        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = VisionMLP(cfg)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderBlock(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gradient_checkpointing = False  # recompute each block in backward: activation memory O(1 block)
 
-    def forward(self, x):
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
-
-
-class VisionEncoder(nn.Module):  # a module of its own only so that parameter names read encoder.layers.N
-    def __init__(self, cfg):
-        super().__init__()
-        self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.num_layers))
-
-
-class VisionTower(nn.Module):
-    """Pre-LN ViT. `forward` gives the hidden states after a chosen block (what LLaVA feeds its projector);
-    `pooled` gives the post-LayerNorm class token (what a CLIP-style expert projects)."""
-
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.embeddings = VisionEmbeddings(cfg)
-        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.pre_norm else None  # sic, HF name
-        self.encoder = VisionEncoder(cfg)
-        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-
-    def forward(self, pixel_values, feature_layer=-1):
-        """pixel_values (B, C, S, S) -> (B, T, D) hidden states, T = P (+1 with a class token).
-        feature_layer counts like HF's `hidden_states` tuple: 0 = embeddings, k = after block k, -1 = last block,
-        -2 = second to last (LLaVA). Blocks after the chosen one are not run."""
-        n = len(self.encoder.layers)
-        stop = feature_layer % (n + 1)
-        x = self.embeddings(pixel_values)
-        if self.pre_layrnorm is not None:
-            x = self.pre_layrnorm(x)
-        for block in self.encoder.layers[:stop]:
-            x = block(x)
+    def forward(self, x, cos, sin, mask, cache=None):  # (B, T, D) -> (B, T, D), before the final norm
+        for block in self.layers:
+            if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
+                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache)
         return x
 
-    def pooled(self, pixel_values):
-        """(B, C, S, S) -> (B, D): the class token after the last block and the final LayerNorm."""
-        if not self.cfg.class_token:
-            raise ValueError("pooled(): this ViT has no class token (SigLIP pools with an attention head instead)")
-        return self.post_layernorm(self(pixel_values)[:, 0])
+
+def attention_mask_4d(attention_mask, t, past, device):
+    """Boolean SDPA mask (B, 1, t, past + t) for t new queries after `past` cached columns: causal, padding keys
+    hidden. attention_mask (B, past + t), 1 = real token, padding anywhere (left, right, between prompt and
+    completion). Every query may see itself, so a padding row never has all keys masked (softmax of only -inf is
+    NaN). None means "plain causal" and lets SDPA take its fast path."""
+    S = past + t
+    if attention_mask is None:
+        return None if past == 0 or t == 1 else torch.ones(t, S, dtype=torch.bool, device=device).tril(past)[None, None]
+    cols = torch.arange(S, device=device)
+    rows = past + torch.arange(t, device=device)[:, None]  # the column of each query
+    mask = (cols <= rows) & attention_mask.bool()[:, None, :]  # (B, t, S)
+    return (mask | (cols == rows))[:, None]
+
+
+# -----------------------------------------------------------------------------
+# The LLaVA model: image features replace the image placeholder tokens, then a causal decoder.
+
+@dataclass
+class LlavaConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: DecoderConfig = field(default_factory=DecoderConfig)
+    projector: str = "mlp2x_gelu"  # or "linear"
+    projector_bias: bool = True
+    image_token_id: int = 32000  # original LLaVA has no such token: we use vocab_size (never sampled, never embedded)
+    feature_layer: int = -2  # ViT hidden state fed to the projector (HF hidden_states indexing)
+    feature_select: str = "default"  # "default" drops the ViT's first token (CLIP's class token), "full" keeps all
+    eos_token_id: list = field(default_factory=lambda: [2])
+
+    @property
+    def num_image_tokens(self):  # placeholder tokens per image in input_ids
+        return self.vision.num_patches + (self.vision.class_token and self.feature_select == "full")
+
+
+class Llava(nn.Module):
+    """ViT -> projector -> decoder. load() also sets `source` (the checkpoint folder) and `preprocessor_config`
+    (its image preprocessing dict, for data.read_preprocessor_config). The LM-head weight (V, D) is
+    model.lm_head.weight, tied or not: with hidden_states(..., select=) it feeds logprobs.token_logprobs."""
+
+    def __init__(self, cfg: LlavaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision_tower = VisionTower(cfg.vision)
+        self.multi_modal_projector = Projector(cfg.projector, cfg.vision.hidden_size, cfg.text.hidden_size,
+                                               cfg.projector_bias)
+        self.language_model = Decoder(cfg.text)
+        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        for m in self.modules():  # transformers' initialisation, for models trained from scratch
+            if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv2d)):
+                nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        if cfg.text.tie_embeddings:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+        self.source, self.preprocessor_config = None, None
+
+    def encode_images(self, pixel_values):
+        """(B, 3, S, S) -> projected image embeddings (B, P, D). Encode each image once and pass the result as
+        `image_embeds` (repeat_interleave it G times for a group). A frozen ViT (no parameter requires grad) runs
+        under no_grad, so it keeps no activations; the projector stays differentiable."""
+        frozen = not any(p.requires_grad for p in self.vision_tower.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            feats = self.vision_tower(pixel_values, self.cfg.feature_layer)  # (B, 1+P or P, d_vision)
+        if self.cfg.feature_select == "default":
+            feats = feats[:, 1:]
+        return self.multi_modal_projector(feats)
+
+    def embed(self, input_ids, image_embeds=None):
+        """input_ids (B, T) -> (B, T, D): token embeddings, with the rows of image_embeds (n, P, D) written in order
+        into the image-token positions (transformers' masked_scatter convention). Counts must match exactly."""
+        is_image = input_ids == self.cfg.image_token_id
+        x = self.language_model.embed_tokens(torch.where(is_image, 0, input_ids))  # the id may be outside the vocab
+        n_tokens = int(is_image.sum())
+        n_feats = 0 if image_embeds is None else image_embeds.shape[0] * image_embeds.shape[1]
+        if n_tokens != n_feats:
+            raise ValueError(f"input_ids hold {n_tokens} image tokens (id {self.cfg.image_token_id}) but "
+                             f"{n_feats} image features were given ({self.cfg.num_image_tokens} per image)")
+        if n_feats:
+            x = x.masked_scatter(is_image[..., None], image_embeds.to(x.dtype))
+        return x
+
+    def hidden_states(self, input_ids, pixel_values=None, image_embeds=None, attention_mask=None, select=None,
+                      cache=None):
+        """Final-norm hidden states: (B, T, D), or (N, D) at the positions where `select` (B, T) bool is True.
+
+        hidden[b, t] predicts input_ids[b, t + 1]: to score completion tokens, select the positions just before
+        them. attention_mask (B, T) (or (B, past + T) with a cache) marks real tokens with 1; positions count real
+        tokens only, so left, right or inner padding gives the same hidden states as no padding. `cache` is a
+        generate.KVCache (sampling only)."""
+        if pixel_values is not None:
+            if image_embeds is not None:
+                raise ValueError("give pixel_values or image_embeds, not both")
+            image_embeds = self.encode_images(pixel_values)
+        B, T = input_ids.shape
+        past = 0 if cache is None else cache.length
+        S = self.cfg.text.sliding_window
+        if S is not None and past + T > S:
+            raise ValueError(f"{past + T} tokens exceed the sliding window {S}, which nanovalor does not implement")
+        x = self.embed(input_ids, image_embeds)  # (B, T, D)
+        if attention_mask is None:
+            positions = torch.arange(past, past + T, device=x.device).expand(B, T)
+        else:
+            if attention_mask.shape != (B, past + T):
+                raise ValueError(f"attention_mask is {tuple(attention_mask.shape)}, expected {(B, past + T)}")
+            positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)[:, past:]  # (B, T)
+        cos, sin = rope_cos_sin(positions, self.cfg.text.head_dim, self.cfg.text.rope_theta, x.dtype)
+        mask = attention_mask_4d(attention_mask, T, past, x.device)
+        x = self.language_model(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += T
+        return self.language_model.norm(x if select is None else x[select])
+
+    def forward(self, input_ids, pixel_values=None, image_embeds=None, attention_mask=None):
+        """input_ids (B, T) with the image token repeated num_image_tokens times per image, pixel_values
+        (n_images, 3, S, S) or image_embeds (n_images, P, D) -> logits (B, T, V)."""
+        return self.lm_head(self.hidden_states(input_ids, pixel_values, image_embeds, attention_mask))
+
+
+# -----------------------------------------------------------------------------
+# Configs: transformers' LlavaConfig (config.json with text_config and vision_config), or the original LLaVA's flat
+# config (decoder fields at the top level, mm_* fields for the vision side).
+
+_7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32)
+DECODER_DEFAULTS = {  # transformers' defaults for the fields a config may omit (old llava-hf configs omit most)
+    "llama": dict(vocab_size=32000, intermediate_size=11008, **_7B),
+    "mistral": dict(vocab_size=32000, intermediate_size=14336, num_key_value_heads=8, sliding_window=4096, **_7B),
+    "qwen2": dict(vocab_size=151936, intermediate_size=22016, **_7B),
+}
+BIASES = {"llama": None, "mistral": (False, False), "qwen2": (True, False)}  # (q/k/v, o); Llama: attention_bias
+
+
+def decoder_config_from_hf(d, where):
+    kind = d.get("model_type", "llama")
+    if kind not in DECODER_DEFAULTS:
+        raise ValueError(f"{where}: model_type {kind!r}: expected one of {sorted(DECODER_DEFAULTS)}")
+    d = {**DECODER_DEFAULTS[kind], **d}
+    if d.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{where}: hidden_act {d['hidden_act']!r}: expected 'silu' (SwiGLU)")
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"{where}: RoPE scaling {rope} is not implemented: expected rope_type 'default'")
+    heads = d["num_attention_heads"]
+    qkv_bias, o_bias = BIASES[kind] or (d.get("attention_bias", False),) * 2
+    window = d.get("sliding_window") if kind == "mistral" or d.get("use_sliding_window") else None
+    return DecoderConfig(
+        model_type=kind, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+        intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=d.get("num_key_value_heads") or heads, head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+        rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=rope.get("rope_theta") or d.get("rope_theta") or 1e4,
+        qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=d.get("mlp_bias") or False,
+        tie_embeddings=d.get("tie_word_embeddings") or False, sliding_window=window)
+
+
+def config_from_hf(d, where):
+    """LlavaConfig from transformers' llava config.json."""
+    text = decoder_config_from_hf(d.get("text_config") or {}, f"{where} text_config")
+    if "vision_config" not in d:
+        raise ValueError(f"{where}: no vision_config")
+    layer, act = d.get("vision_feature_layer", -2), d.get("projector_hidden_act", "gelu")
+    if not isinstance(layer, int):
+        raise ValueError(f"{where}: vision_feature_layer {layer}: only one layer (an int) is implemented")
+    if act != "gelu":
+        raise ValueError(f"{where}: projector_hidden_act {act!r}: expected 'gelu'")
+    text.tie_embeddings = bool(d.get("tie_word_embeddings")) or text.tie_embeddings  # either level, as HF reads it
+    return LlavaConfig(vision=vision_config_from_hf(d["vision_config"]), text=text, projector="mlp2x_gelu",
+                       projector_bias=d.get("multimodal_projector_bias", True),
+                       image_token_id=d.get("image_token_index", d.get("image_token_id", 32000)), feature_layer=layer,
+                       feature_select=d.get("vision_feature_select_strategy", "default"),
+                       eos_token_id=_ids((d.get("text_config") or {}).get("eos_token_id", d.get("eos_token_id"))))
+
+
+ORIGINAL_TYPES = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral", "llava_qwen2": "qwen2",
+                  "llava_qwen": "qwen2"}
+
+
+def config_from_original(d, vision_d, where):
+    """LlavaConfig from an original LLaVA / LLaVA-Med config.json and the config of its mm_vision_tower repo."""
+    kind = d.get("model_type")
+    if kind not in ORIGINAL_TYPES:
+        raise ValueError(f"{where}: model_type {kind!r}: expected one of {sorted(ORIGINAL_TYPES)}")
+    text = decoder_config_from_hf({**d, "model_type": ORIGINAL_TYPES[kind]}, where)
+    if vision_d.get("model_type") in ("clip", "siglip"):  # a dual-encoder repo: take its vision half
+        vision_d = {"model_type": vision_d["model_type"] + "_vision_model", **vision_d.get("vision_config", {})}
+    vision = vision_config_from_hf(vision_d)
+    projector, select = d.get("mm_projector_type", "linear"), d.get("mm_vision_select_feature", "patch")
+    if projector not in ("linear", "mlp2x_gelu") or select not in ("patch", "cls_patch") or d.get("mm_use_im_start_end"):
+        raise ValueError(f"{where}: mm_projector_type {projector!r}, mm_vision_select_feature {select!r}, "
+                         f"mm_use_im_start_end {d.get('mm_use_im_start_end')}: expected linear or mlp2x_gelu, "
+                         f"patch or cls_patch, and no image start/end tokens")
+    if d.get("mm_hidden_size", vision.hidden_size) != vision.hidden_size:
+        raise ValueError(f"{where}: mm_hidden_size {d['mm_hidden_size']} != the vision tower's {vision.hidden_size}")
+    return LlavaConfig(vision=vision, text=text, projector=projector, projector_bias=True,
+                       image_token_id=text.vocab_size, feature_layer=d.get("mm_vision_select_layer", -2),
+                       feature_select="default" if select == "patch" else "full", eos_token_id=_ids(d.get("eos_token_id")))
+
+
+def _ids(x):  # eos_token_id may be an int, a list or absent
+    return [] if x is None else [x] if isinstance(x, int) else list(x)
+
+
+def config_to_hf(cfg: LlavaConfig):
+    """transformers' llava config.json for `cfg` (what save() writes)."""
+    t, v = cfg.text, cfg.vision
+    if cfg.projector != "mlp2x_gelu":
+        raise ValueError("HF llava has only the mlp2x_gelu projector; this model's projector is linear")
+    if (BIASES[t.model_type] or (t.o_bias, t.o_bias)) != (t.qkv_bias, t.o_bias) or v.pre_norm != v.class_token:
+        raise ValueError(f"HF llava cannot express this model (q/k/v bias {t.qkv_bias}, o bias {t.o_bias} in a "
+                         f"{t.model_type}; a ViT with class token {v.class_token} and pre-norm {v.pre_norm})")
+    text = dict(model_type=t.model_type, vocab_size=t.vocab_size, hidden_size=t.hidden_size,
+                intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
+                num_key_value_heads=t.num_kv_heads, head_dim=t.head_dim, rms_norm_eps=t.rms_norm_eps, hidden_act="silu",
+                rope_theta=t.rope_theta, rope_parameters=dict(rope_type="default", rope_theta=t.rope_theta),
+                tie_word_embeddings=t.tie_embeddings, sliding_window=t.sliding_window, attention_bias=t.o_bias,
+                mlp_bias=t.mlp_bias, use_sliding_window=t.sliding_window is not None)
+    vision = dict(model_type="clip_vision_model" if v.class_token else "siglip_vision_model",
+                  hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_layers,
+                  num_attention_heads=v.num_heads, image_size=v.image_size, patch_size=v.patch_size,
+                  layer_norm_eps=v.layer_norm_eps, hidden_act=v.act, num_channels=v.num_channels)
+    if not v.class_token:
+        vision["vision_use_head"] = False  # LLaVA never uses SigLIP's pooling head, and we do not keep it
+    return dict(architectures=["LlavaForConditionalGeneration"], model_type="llava",
+                image_token_index=cfg.image_token_id, image_seq_length=cfg.num_image_tokens,
+                projector_hidden_act="gelu", multimodal_projector_bias=cfg.projector_bias,
+                vision_feature_layer=cfg.feature_layer, vision_feature_select_strategy=cfg.feature_select,
+                tie_word_embeddings=t.tie_embeddings, text_config=text, vision_config=vision)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints. One explicit key map per layout: ordered (checkpoint prefix -> our prefix) rules, the first match
+# wins; None marks known tensors that we do not use. Our names are transformers' in-memory names minus "model.".
+
+HF_LLAVA_KEYS = [
+    ("model.language_model.", "language_model."),  # newer transformers saves
+    ("language_model.model.", "language_model."),  # llava-hf/* and transformers 5.x saves
+    ("language_model.lm_head.", "lm_head."),
+    ("lm_head.", "lm_head."),
+    ("model.vision_tower.vision_model.", "vision_tower."),
+    ("vision_tower.vision_model.", "vision_tower."),  # llava-hf/* (what save() writes)
+    ("model.vision_tower.", "vision_tower."),
+    ("vision_tower.", "vision_tower."),  # transformers 5.x saves
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("multi_modal_projector.", "multi_modal_projector."),
+]
+ORIGINAL_LLAVA_KEYS = [  # github.com/haotian-liu/LLaVA (and LLaVA-Med): LlavaLlamaForCausalLM and its siblings
+    ("model.mm_projector.0.", "multi_modal_projector.linear_1."),  # nn.Sequential(Linear, GELU, Linear)
+    ("model.mm_projector.2.", "multi_modal_projector.linear_2."),
+    ("model.mm_projector.", "multi_modal_projector.linear_1."),  # the "linear" projector: one nn.Linear
+    ("model.vision_tower.vision_tower.vision_model.", "vision_tower."),  # only if the ViT was saved with the model
+    ("model.", "language_model."),
+    ("lm_head.", "lm_head."),
+]
+VISION_REPO_KEYS = [  # the repo named by mm_vision_tower: a CLIPModel / CLIPVisionModel (or SigLIP) checkpoint
+    ("vision_model.", "vision_tower."),
+    ("text_model.", None), ("visual_projection.", None), ("text_projection.", None), ("logit_", None),
+    ("", "vision_tower."),  # a CLIPVisionModel saved by transformers 5 has no vision_model. level
+]
+UNUSED = ("rotary_emb.inv_freq", "embeddings.position_ids", "vision_tower.head.")  # buffers old saves kept; SigLIP head
+
+
+def resolve(path_or_repo_id):
+    """A local folder as it is; "owner/name" through huggingface_hub.snapshot_download (HF_HUB_OFFLINE=1: the
+    local cache only). pytorch_model*.bin are fetched only when a repo has no safetensors."""
+    p = Path(path_or_repo_id).expanduser()
+    if p.is_dir():
+        return p
+    name = str(path_or_repo_id)
+    if p.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise FileNotFoundError(f"{name}: no such model folder (and not a hub id 'owner/name')")
+    from huggingface_hub import snapshot_download
+    try:
+        folder = Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"]))
+        if not any(folder.glob("*.safetensors")):
+            folder = Path(snapshot_download(name, allow_patterns=["*.json", "pytorch_model*.bin"]))
+    except Exception as e:  # hub errors come in many types; the message is what helps
+        raise FileNotFoundError(f"{name}: not a local folder, and fetching it from the hub failed "
+                                f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {e}") from e
+    return folder
+
+
+def checkpoint_files(folder):
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / index).exists():
+            files = sorted(set(_read_json(folder / index).get("weight_map", {}).values()))
+            missing = [f for f in files if not (folder / f).exists()]
+            if not files or missing:
+                raise FileNotFoundError(f"{folder / index}: names shard(s) {missing or 'none'} that are not there")
+            return [folder / f for f in files]
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / single).exists():
+            return [folder / single]
+    raise FileNotFoundError(f"{folder}: no model.safetensors, pytorch_model.bin or *.index.json")
+
+
+def read_checkpoint(folder, rules):
+    """{our name: tensor} for the checkpoint in `folder`, renamed with `rules`; tensors no rule or UNUSED names
+    are returned as the second value. .bin files only through torch.load(weights_only=True)."""
+    from safetensors.torch import load_file
+    tensors, unexpected = {}, []
+    for f in checkpoint_files(folder):
+        part = load_file(f) if f.suffix == ".safetensors" else torch.load(f, map_location="cpu", weights_only=True)
+        for name, t in part.items():
+            ours = next((new + name[len(old):] if new else "" for old, new in rules if name.startswith(old)), None)
+            if ours is None:
+                unexpected.append(name)
+            elif ours and not any(u in ours for u in UNUSED):
+                tensors[ours] = t
+    return tensors, unexpected
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not readable JSON ({e})") from e
+
+
+def load(path_or_repo_id, dtype=None, device=None):
+    """The Llava model of a local folder or hub id, in eval mode. Layouts: transformers' LlavaForConditionalGeneration
+    (every key layout it has written) and the original LLaVA / LLaVA-Med (vision tower from the repo named by
+    mm_vision_tower unless the checkpoint holds it). dtype defaults to bfloat16 on CUDA and float32 elsewhere.
+    Any missing, unexpected or mis-shaped tensor is one error that lists them all."""
+    folder = resolve(path_or_repo_id)
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder}: no config.json, not a model folder")
+    d, where = _read_json(folder / "config.json"), str(folder / "config.json")
+    vision_folder = None
+    if "mm_vision_tower" in d:
+        vision_folder = resolve(d["mm_vision_tower"])
+        cfg = config_from_original(d, _read_json(vision_folder / "config.json"), where)
+        tensors, unexpected = read_checkpoint(folder, ORIGINAL_LLAVA_KEYS)
+        if not any(k.startswith("vision_tower.") for k in tensors):
+            vision_tensors, vision_unexpected = read_checkpoint(vision_folder, VISION_REPO_KEYS)
+            tensors, unexpected = {**tensors, **vision_tensors}, unexpected + vision_unexpected
+    elif d.get("model_type") == "llava":
+        if d.get("architectures", ["LlavaForConditionalGeneration"]) != ["LlavaForConditionalGeneration"]:
+            raise ValueError(f"{where}: architectures {d['architectures']}: expected ['LlavaForConditionalGeneration']")
+        cfg = config_from_hf(d, where)
+        tensors, unexpected = read_checkpoint(folder, HF_LLAVA_KEYS)
+    else:
+        raise ValueError(f"{where}: model_type {d.get('model_type')!r} is not a LLaVA model: expected 'llava' "
+                         f"(HF layout) or one of {sorted(ORIGINAL_TYPES)} with mm_vision_tower (original layout)")
+    if (folder / "generation_config.json").exists():
+        cfg.eos_token_id = _ids(_read_json(folder / "generation_config.json").get("eos_token_id")) or cfg.eos_token_id
+    with torch.device("meta"):
+        model = Llava(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if cfg.text.tie_embeddings:
+        del expected["lm_head.weight"]
+        tensors.pop("lm_head.weight", None)  # some saves write the tied copy too
+    missing = sorted(expected.keys() - tensors.keys())
+    unexpected += sorted(tensors.keys() - expected.keys())
+    shapes = [f"{k}: {tuple(t.shape)} in the checkpoint, {tuple(expected[k])} in the model"
+              for k, t in tensors.items() if k in expected and t.shape != expected[k]]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{folder}: the checkpoint does not match its config: missing {missing}, "
+                         f"unexpected {unexpected}, wrong shape {shapes}")
+    device = torch.device(device or "cpu")
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model.load_state_dict({k: tensors.pop(k).to(device, dtype) for k in list(tensors)}, strict=False, assign=True)
+    if cfg.text.tie_embeddings:  # assign=True replaced the shared Parameter: share it again
+        model.lm_head.weight = model.language_model.embed_tokens.weight
+    model.source = folder
+    proc = vision_folder if vision_folder is not None else folder
+    if (proc / "preprocessor_config.json").exists():
+        model.preprocessor_config = _read_json(proc / "preprocessor_config.json")
+        if d.get("image_aspect_ratio") == "pad":  # original LLaVA pads to a square with the mean colour
+            model.preprocessor_config["do_pad"] = True
+    return model.eval()
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "processor_config.json")
+
+
+def save(model, folder):
+    """Write `model` in the llava-hf layout (config.json, generation_config.json, model.safetensors, and the
+    tokenizer and preprocessor files of the checkpoint it came from), loadable by transformers'
+    LlavaForConditionalGeneration and by load(). Atomic: a temporary folder, renamed when complete."""
+    folder = Path(folder)
+    config = config_to_hf(model.cfg)
+    hub_names = [("language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+                 ("vision_tower.", "vision_tower.vision_model."), ("multi_modal_projector.", "multi_modal_projector.")]
+    tensors = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and model.cfg.text.tie_embeddings:
+            continue
+        old, new = next((o, n) for o, n in hub_names if name.startswith(o))
+        tensors[new + name[len(old):]] = t.detach().cpu().contiguous()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        from safetensors.torch import save_file
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": model.cfg.eos_token_id}, indent=2))
+        if model.preprocessor_config is not None:
+            (tmp / "preprocessor_config.json").write_text(json.dumps(model.preprocessor_config, indent=2))
+        for name in TOKENIZER_FILES if model.source is not None else ():
+            if (Path(model.source) / name).exists():
+                shutil.copy(Path(model.source) / name, tmp / name)
+        if folder.exists():  # the old checkpoint goes only once the new one is complete
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

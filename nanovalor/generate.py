@@ -1,0 +1,241 @@
+"""From questions to sampled reports: tokenizer, chat formats, and the KV-cached group sampler (+ naive reference).
+
+    tok = load_tokenizer(model.source)
+    prompts = [CHAT_FORMATS[model.cfg.text.model_type](question) for question in questions]
+    ids, mask = left_pad([encode_prompt(tok, prompt, model.cfg) for prompt in prompts])
+    out = sample(model, ids, mask, pixel_values=images, group_size=8, max_new_tokens=128,
+                 generator=torch.Generator().manual_seed(0))
+    out.tokens, out.mask, out.logprobs  # each (B*G, N); rows b*G .. b*G+G-1 answer prompt b
+
+Group mode: each image goes through the ViT once, image + prompt are prefilled once per prompt, and the KV cache
+is then forked G ways (copied with repeat_interleave), so a group costs one prefill, not G. Every row stops at its
+own EOS; the loop ends when all rows have stopped or after max_new_tokens.
+
+Log-probs: each sampled token's log-prob is log softmax(logits / T)[token] over the whole vocabulary, in fp32 (on
+bf16 weights the LM head is applied in fp32, as logprobs.token_logprobs does), i.e. exactly what the trainer
+computes for the same token: GRPO's first-pass ratio is 1. top_k / top_p (and the ban on the image placeholder
+token, whose embedding slot only image features may fill) restrict which tokens can be drawn; the recorded
+log-prob stays the unrestricted one, so with top_p < 1 or top_k > 0 rollouts are slightly off-policy (the
+usual GRPO setting is T = 1, top_p = 1, top_k = 0). Greedy (temperature 0) records log-probs at T = 1.
+
+`sample_naive` runs the whole sequence through the model at every step (no cache, no fork, the prompt
+repeated G times up front); it draws random numbers in the same order, so with the same generator both samplers
+give the same tokens. Tests: `python -m pytest -q tests/test_generate.py`; speed: `python bench/sample.py`.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+from nanovalor.policy import resolve
+
+# -----------------------------------------------------------------------------
+# Prompts: the tokenizer, the chat format of each model family, and token ids in transformers' Llava convention.
+# "<image>" in a prompt marks where the image features go.
+
+IMAGE = "<image>"
+VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+
+
+def vicuna_prompt(question, system=VICUNA_SYSTEM):
+    """LLaVA-1.5 (Vicuna v1): "<system> USER: <image>\\n<question> ASSISTANT:" (system="" drops it, as llava-hf)."""
+    return f"{system} USER: {IMAGE}\n{question} ASSISTANT:".lstrip()
+
+
+def mistral_prompt(question):
+    """Mistral instruct, as LLaVA-Med v1.5 was trained (LLaVA's conv_mistral_instruct; BOS comes from the tokenizer)."""
+    return f"[INST] {IMAGE}\n{question} [/INST]"
+
+
+def chatml_prompt(question, system="You are a helpful assistant."):
+    """ChatML (Qwen2): system turn, user turn with the image, open assistant turn."""
+    return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{IMAGE}\n{question}<|im_end|>\n"
+            f"<|im_start|>assistant\n")
+
+
+CHAT_FORMATS = {"llama": vicuna_prompt, "mistral": mistral_prompt, "qwen2": chatml_prompt}  # by decoder type
+
+
+def load_tokenizer(path_or_repo_id):
+    """tokenizers.Tokenizer from tokenizer.json in a folder or hub repo (resolved as load() does)."""
+    path = resolve(path_or_repo_id) / "tokenizer.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing. nanovalor reads only tokenizer.json; for a sentencepiece-only "
+                                f"repo use the tokenizer.json of its base LLM (same vocabulary)")
+    return Tokenizer.from_file(str(path))
+
+
+def encode_prompt(tokenizer, prompt, cfg):
+    """Token ids of `prompt` with each "<image>" replaced by cfg.image_token_id (cfg: policy.LlavaConfig) repeated
+    cfg.num_image_tokens times. A tokenizer that knows "<image>" as that id (llava-hf) encodes the whole text;
+    otherwise (original LLaVA) each piece between images is encoded on its own, special tokens on the first only,
+    as LLaVA's tokenizer_image_token does."""
+    image, P = cfg.image_token_id, cfg.num_image_tokens
+    if tokenizer.token_to_id(IMAGE) == image:
+        return [t for i in tokenizer.encode(prompt).ids for t in ([i] * P if i == image else [i])]
+    pieces = prompt.split(IMAGE)
+    ids = tokenizer.encode(pieces[0]).ids
+    for piece in pieces[1:]:
+        ids += [image] * P + (tokenizer.encode(piece, add_special_tokens=False).ids if piece else [])
+    return ids
+
+
+def left_pad(prompts, pad_token_id=0):
+    """Token-id lists -> ids (B, T), attention mask (B, T), padded on the left so that every prompt ends in the
+    last column (where sampling continues)."""
+    T = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_token_id] * (T - len(p)) + list(p) for p in prompts])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+@dataclass
+class Samples:
+    tokens: torch.Tensor  # (B*G, N) sampled ids; pad_token_id after a row's EOS
+    mask: torch.Tensor  # (B*G, N) bool: True for sampled tokens (EOS included), False for padding
+    logprobs: torch.Tensor  # (B*G, N) fp32 log softmax(logits / T) of each sampled token, 0 under padding
+
+
+class KVCache:
+    """Static key/value buffers, one pair per decoder layer, (B, H_kv, capacity, hd). The first `length` columns
+    are filled. Protocol with policy.py: each attention layer calls update(layer, k, v) with its new columns and
+    attends over what it returns; Llava.hidden_states advances `length` once all layers have run."""
+
+    def __init__(self, cfg, batch, capacity, dtype, device):
+        shape = (batch, cfg.num_kv_heads, capacity, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.length, self.capacity = 0, capacity
+
+    def update(self, layer, k, v):  # k, v (B, H_kv, t, hd) -> all columns so far (B, H_kv, length + t, hd)
+        end = self.length + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KV cache full: {end} columns needed, capacity {self.capacity}")
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def fork(self, G):
+        """A cache of G * B rows: row b*G + g starts as a copy of row b (a GRPO group shares its prefill)."""
+        new = KVCache.__new__(KVCache)
+        new.k = [k.repeat_interleave(G, 0) for k in self.k]
+        new.v = [v.repeat_interleave(G, 0) for v in self.v]
+        new.length, new.capacity = self.length, self.capacity
+        return new
+
+
+def filter_logits(scores, top_k=0, top_p=1.0):
+    """scores (N, V) (logits or log-probs) with the tokens outside the top-k, and outside the smallest set of
+    highest-probability tokens whose mass reaches top_p (nucleus sampling, Holtzman et al., arXiv 1904.09751),
+    set to -inf. The most likely token is always kept."""
+    if top_k > 0:
+        kth = scores.topk(min(top_k, scores.shape[-1]), dim=-1).values[:, -1:]  # (N, 1)
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = scores.sort(dim=-1, descending=True)
+        probs = sorted_scores.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs  # (N, V): mass of the more likely tokens
+        scores = scores.masked_fill((mass_before >= top_p).scatter(1, order, mass_before >= top_p), float("-inf"))
+    return scores
+
+
+def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, banned=None):
+    """logits (N, V) fp32 -> tokens (N,), log-probs (N,) (see the module docstring for what they are)."""
+    logp = F.log_softmax(logits / (temperature if temperature > 0 else 1.0), dim=-1)  # (N, V)
+    scores = logp if banned is None else logp.index_fill(1, banned, float("-inf"))
+    if temperature > 0:
+        # Exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) picks i with probability p_i / sum(p) (the same
+        # as the Gumbel-max trick, as -log E is Gumbel); no normalisation or GPU sync needed.
+        noise = torch.empty_like(scores).exponential_(generator=generator)
+        scores = filter_logits(scores, top_k, top_p) - noise.log()
+    tokens = scores.argmax(-1)
+    return tokens, logp.gather(1, tokens[:, None])[:, 0]
+
+
+def _prepare(model, input_ids, attention_mask, eos_token_id, max_new_tokens):
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if not (attention_mask[:, -1].all() and (attention_mask[:, 1:] >= attention_mask[:, :-1]).all()):
+        raise ValueError("prompts must be left-padded (attention_mask 0...0 1...1 per row); see left_pad()")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens {max_new_tokens}: expected >= 1")
+    eos = model.cfg.eos_token_id if eos_token_id is None else eos_token_id
+    eos = torch.tensor([eos] if isinstance(eos, int) else list(eos), dtype=torch.long, device=input_ids.device)
+    image = model.cfg.image_token_id
+    banned = torch.tensor([image], device=input_ids.device) if image < model.cfg.text.vocab_size else None
+    return attention_mask, eos, banned
+
+
+class _Recorder:
+    """Per-step bookkeeping shared by both samplers: padding after EOS, the completion mask, the stop test."""
+
+    def __init__(self, n, eos, pad_token_id, device):
+        self.done = torch.zeros(n, dtype=torch.bool, device=device)
+        self.eos, self.pad, self.tokens, self.masks, self.logprobs = eos, pad_token_id, [], [], []
+
+    def add(self, tokens, logprobs):  # -> the tokens to feed next, (N,)
+        tokens = tokens.masked_fill(self.done, self.pad)
+        self.tokens.append(tokens)
+        self.masks.append(~self.done)
+        self.logprobs.append(logprobs.masked_fill(self.done, 0.0))
+        self.done = self.done | torch.isin(tokens, self.eos)
+        return tokens
+
+    def result(self):
+        return Samples(torch.stack(self.tokens, 1), torch.stack(self.masks, 1), torch.stack(self.logprobs, 1))
+
+
+@torch.no_grad()
+def sample(model, input_ids, attention_mask=None, pixel_values=None, image_embeds=None, group_size=1,
+           max_new_tokens=128, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=0,
+           generator=None):
+    """Sample group_size completions for each of B left-padded prompts (B, T) with one image each (pixel_values
+    (B, 3, S, S) or image_embeds (B, P, D), or neither for text-only prompts). eos_token_id defaults to the
+    checkpoint's; temperature 0 is greedy. Returns Samples with B * group_size rows."""
+    attention_mask, eos, banned = _prepare(model, input_ids, attention_mask, eos_token_id, max_new_tokens)
+    if pixel_values is not None:
+        image_embeds = model.encode_images(pixel_values)  # (B, P, D): each image through the ViT once
+    B, T = input_ids.shape
+    G, weight = group_size, model.lm_head.weight
+    cache = KVCache(model.cfg.text, B, T + max_new_tokens, weight.dtype, input_ids.device)
+    h = model.hidden_states(input_ids, image_embeds=image_embeds, attention_mask=attention_mask, cache=cache)
+    w32 = weight.float()  # (V, D); no copy in fp32
+    logits = (h[:, -1].float() @ w32.T).repeat_interleave(G, 0)  # (B*G, V): one prefill per group
+    cache = cache.fork(G) if G > 1 else cache
+    mask = attention_mask.repeat_interleave(G, 0)  # (B*G, T)
+    rec = _Recorder(B * G, eos, pad_token_id, input_ids.device)
+    for step in range(max_new_tokens):
+        tokens = rec.add(*sample_token(logits, temperature, top_k, top_p, generator, banned))
+        if rec.done.all() or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, mask.new_ones(B * G, 1)], 1)  # (B*G, T + step + 1)
+        h = model.hidden_states(tokens[:, None], attention_mask=mask, cache=cache)  # (B*G, 1, D)
+        logits = h[:, -1].float() @ w32.T  # (B*G, V)
+    return rec.result()
+
+
+@torch.no_grad()
+def sample_naive(model, input_ids, attention_mask=None, pixel_values=None, image_embeds=None, group_size=1,
+                 max_new_tokens=128, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=0,
+                 generator=None):
+    """The reference for `sample` (same arguments, same result): the whole sequence through the model each step."""
+    attention_mask, eos, banned = _prepare(model, input_ids, attention_mask, eos_token_id, max_new_tokens)
+    G = group_size
+    ids, mask = input_ids.repeat_interleave(G, 0), attention_mask.repeat_interleave(G, 0)  # (B*G, T)
+    pixel_values = None if pixel_values is None else pixel_values.repeat_interleave(G, 0)
+    image_embeds = None if image_embeds is None else image_embeds.repeat_interleave(G, 0)
+    w32 = model.lm_head.weight.float()  # the fp32 LM head of `sample`: model(...) with fp32 logits
+    rec = _Recorder(ids.shape[0], eos, pad_token_id, ids.device)
+    for _ in range(max_new_tokens):
+        h = model.hidden_states(ids, pixel_values, image_embeds, mask)  # (B*G, T + step, D)
+        logits = h[:, -1].float() @ w32.T  # (B*G, V)
+        tokens = rec.add(*sample_token(logits, temperature, top_k, top_p, generator, banned))
+        if rec.done.all():
+            break
+        ids, mask = torch.cat([ids, tokens[:, None]], 1), torch.cat([mask, mask.new_ones(ids.shape[0], 1)], 1)
+    return rec.result()

@@ -1,0 +1,180 @@
+"""nanovalor.generate: the KV-cached group sampler against the naive sampler, transformers' generate, and the
+teacher-forced log-probs the GRPO trainer computes.
+
+    python -m pytest -q tests/test_generate.py
+
+Tiny random LLaVA models come from tests/test_policy.py's builder (transformers, no download).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from test_policy import IMAGE, VOCAB, build, prompt_ids
+
+from nanovalor.generate import filter_logits, left_pad, sample, sample_naive, sample_token
+from nanovalor.policy import load
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    out = {}
+    for kind in ("clip_llama", "siglip_qwen2"):
+        folder = tmp_path_factory.mktemp(kind)
+        out[kind] = build(kind, folder, seed=2), load(folder)
+    return out
+
+
+def prompts(lengths=((3, 9), (2, 4))):
+    """Left-padded prompts of different lengths, each with one image: ids (B, T), mask (B, T), pixels (B, 3, 35, 35)."""
+    ids, mask = left_pad([prompt_ids(a, b, seed=i).tolist() for i, (a, b) in enumerate(lengths)])
+    return ids, mask, torch.randn(len(lengths), 3, 35, 35, generator=torch.Generator().manual_seed(0))
+
+
+def test_left_pad_and_right_padding_is_refused(models):
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_token_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    with pytest.raises(ValueError, match="left-padded"):
+        sample(models["clip_llama"][1], torch.tensor([[5, 6, 0]]), torch.tensor([[1, 1, 0]]))
+
+
+@pytest.mark.parametrize("kind", ["clip_llama", "siglip_qwen2"])
+def test_greedy_matches_transformers_generate(models, kind):
+    hf, ours = models[kind]
+    ids, mask, pixels = prompts()
+    hf.generation_config.eos_token_id = None  # no EOS: 20 tokens each
+    with torch.no_grad():
+        ref = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, do_sample=False, max_new_tokens=20,
+                          pad_token_id=0)[:, ids.shape[1]:]
+    out = sample(ours, ids, mask, pixel_values=pixels, max_new_tokens=20, temperature=0, eos_token_id=[])
+    assert ref.shape == (2, 20) and (ref[:, 1:] != ref[:, :-1]).any()  # not one token repeated
+    assert torch.equal(out.tokens, ref) and out.mask.all()
+
+
+def _first(row, eos):  # index of the first EOS in a list of tokens, or None
+    return next((i for i, t in enumerate(row) if t in eos), None)
+
+
+def test_cached_equals_naive_greedy_with_rows_stopping_at_different_steps(models):
+    _, ours = models["clip_llama"]
+    ids, mask, pixels = prompts(((3, 9), (2, 4), (1, 1)))
+    free = sample_naive(ours, ids, mask, pixels, max_new_tokens=12, temperature=0, eos_token_id=[]).tokens.tolist()
+    # EOS := two tokens of the free run with which the three rows stop at three different steps (or not at all)
+    seen = sorted({t for row in free for t in row})
+    eos = next([a, b] for a in seen for b in seen
+               if len({_first(row, {a, b}) for row in free}) == 3 and None in {_first(row, {a, b}) for row in free})
+    stops = [_first(row, eos) for row in free]
+    naive = sample_naive(ours, ids, mask, pixels, max_new_tokens=12, temperature=0, eos_token_id=eos, pad_token_id=7)
+    cached = sample(ours, ids, mask, pixels, max_new_tokens=12, temperature=0, eos_token_id=eos, pad_token_id=7)
+    assert torch.equal(cached.tokens, naive.tokens) and torch.equal(cached.mask, naive.mask)
+    torch.testing.assert_close(cached.logprobs, naive.logprobs, rtol=0, atol=1e-5)
+    assert cached.mask.sum(1).tolist() == [12 if s is None else s + 1 for s in stops]  # EOS included
+    for row, stop in enumerate(stops):
+        if stop is not None:
+            assert (cached.tokens[row, stop + 1:] == 7).all() and (cached.logprobs[row, stop + 1:] == 0).all()
+            assert cached.tokens[row, :stop + 1].tolist() == free[row][:stop + 1]
+
+
+def test_cached_group_sampler_equals_naive_under_sampling(models):
+    """Same generator, same draws: top-k and top-p sampling at T = 0.7 in group mode give identical samples."""
+    _, ours = models["siglip_qwen2"]
+    ids, mask, pixels = prompts()
+    kw = dict(group_size=3, max_new_tokens=10, temperature=0.7, top_k=50, top_p=0.9, eos_token_id=[11, 12])
+    cached = sample(ours, ids, mask, pixels, generator=torch.Generator().manual_seed(3), **kw)
+    naive = sample_naive(ours, ids, mask, pixels, generator=torch.Generator().manual_seed(3), **kw)
+    assert cached.tokens.shape == (6, 10)
+    assert torch.equal(cached.tokens, naive.tokens) and torch.equal(cached.mask, naive.mask)
+    torch.testing.assert_close(cached.logprobs, naive.logprobs, rtol=0, atol=1e-5)
+    assert not torch.equal(cached.tokens[0], cached.tokens[1])  # a group's rows differ
+    again = sample(ours, ids, mask, pixels, generator=torch.Generator().manual_seed(3), **kw)
+    other = sample(ours, ids, mask, pixels, generator=torch.Generator().manual_seed(4), **kw)
+    assert torch.equal(again.tokens, cached.tokens) and not torch.equal(other.tokens, cached.tokens)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_recorded_logprobs_equal_teacher_forced_logprobs(models, temperature):
+    """GRPO's first-pass ratio is 1: the sampler's log-probs are what a teacher-forced forward over prompt
+    (left-padded) + completion (right-padded after EOS) gives, through logits and through the hidden-states path."""
+    _, ours = models["clip_llama"]
+    ids, mask, pixels = prompts()
+    G = 3
+    out = sample(ours, ids, mask, pixels, group_size=G, max_new_tokens=15, temperature=temperature,
+                 eos_token_id=list(range(40)), generator=torch.Generator().manual_seed(0))
+    assert 0 < (~out.mask).sum() and out.mask[:, 0].all()  # some rows stopped early
+    full = torch.cat([ids.repeat_interleave(G, 0), out.tokens], 1)  # (B*G, T + N)
+    full_mask = torch.cat([mask.repeat_interleave(G, 0), out.mask.long()], 1)
+    T = ids.shape[1]
+    with torch.no_grad():
+        logits = ours(full, pixels.repeat_interleave(G, 0), attention_mask=full_mask)[:, T - 1:-1]  # predicts tokens
+        teacher = F.log_softmax(logits / temperature, -1).gather(2, out.tokens[..., None])[..., 0]
+        select = torch.zeros_like(full_mask, dtype=torch.bool)
+        select[:, T - 1:-1] = out.mask  # the positions before each completion token
+        hidden = ours.hidden_states(full, image_embeds=ours.encode_images(pixels).repeat_interleave(G, 0),
+                                    attention_mask=full_mask, select=select)  # (n_tokens, D)
+        fused = F.log_softmax(hidden @ ours.lm_head.weight.T / temperature, -1).gather(
+            1, out.tokens[out.mask][:, None])[:, 0]
+    torch.testing.assert_close(out.logprobs[out.mask], teacher[out.mask], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.logprobs[out.mask], fused, rtol=0, atol=1e-5)
+
+
+def test_group_mode_runs_the_vit_once_and_prefills_once(models):
+    _, ours = models["clip_llama"]
+    ids, mask, pixels = prompts()
+    vit_batches, decoder_lengths = [], []
+    hooks = [ours.vision_tower.register_forward_hook(lambda m, i, o: vit_batches.append(i[0].shape[0])),
+             ours.language_model.register_forward_hook(lambda m, i, o: decoder_lengths.append(tuple(i[0].shape[:2])))]
+    try:
+        sample(ours, ids, mask, pixels, group_size=8, max_new_tokens=4, eos_token_id=[])
+    finally:
+        [h.remove() for h in hooks]
+    assert vit_batches == [2]  # both images, once
+    assert decoder_lengths == [(2, ids.shape[1]), (16, 1), (16, 1), (16, 1)]  # one prefill, then G * B rows
+
+
+def test_filter_logits_on_hand_numbers():
+    logp = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    kept = lambda **kw: torch.isfinite(filter_logits(logp, **kw))[0].tolist()
+    assert kept(top_p=0.7) == [True, True, False, False]  # 0.5 < 0.7 <= 0.8
+    assert kept(top_p=0.8) == [True, True, False, False]  # 0.5 + 0.3 reaches 0.8
+    assert kept(top_p=0.81) == [True, True, True, False]
+    assert kept(top_p=0.2) == [True, False, False, False]  # the top token always stays
+    assert kept(top_k=3) == [True, True, True, False]
+    assert kept(top_k=3, top_p=0.6) == [True, True, False, False]
+    assert kept() == [True] * 4
+
+
+def test_sample_token_draws_from_the_tempered_distribution():
+    """20000 draws: frequencies follow softmax(logits / T) (renormalised over the kept set with top_p); the
+    recorded log-prob is always the unrestricted one."""
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0]).expand(20000, 4)
+    g = torch.Generator().manual_seed(0)
+    p = F.softmax(logits[0] / 0.7, -1)  # 0.754, 0.181, 0.043, 0.010
+    tokens, logprobs = sample_token(logits, temperature=0.7, generator=g)
+    torch.testing.assert_close(torch.bincount(tokens, minlength=4) / 20000, p, rtol=0, atol=0.01)
+    torch.testing.assert_close(logprobs, p.log()[tokens])
+    tokens, logprobs = sample_token(logits, temperature=0.7, top_p=0.9, generator=g)  # keeps {0, 1}
+    torch.testing.assert_close(torch.bincount(tokens, minlength=4) / 20000, torch.cat([p[:2] / p[:2].sum(),
+                                                                                      torch.zeros(2)]), rtol=0, atol=0.01)
+    torch.testing.assert_close(logprobs, p.log()[tokens])
+    tokens, logprobs = sample_token(logits[:3], temperature=0)
+    assert tokens.tolist() == [0, 0, 0]
+    torch.testing.assert_close(logprobs, F.log_softmax(logits[0], -1)[[0, 0, 0]])
+    tokens, _ = sample_token(logits[:3], temperature=0, banned=torch.tensor([0]))
+    assert tokens.tolist() == [1, 1, 1]
+
+
+def test_the_image_token_is_never_sampled(models):
+    """Its embedding slot is for image features only; sampling it would break the next forward."""
+    _, ours = models["clip_llama"]
+    ids, mask, pixels = prompts()
+    saved = ours.lm_head.weight[IMAGE].clone()
+    # make <image> the likeliest token everywhere: hidden dim 0 shifted by +10, read by <image>'s row alone
+    hook = ours.language_model.norm.register_forward_hook(lambda m, i, out: out + F.one_hot(torch.tensor(0), 60) * 10)
+    with torch.no_grad():
+        ours.lm_head.weight[IMAGE] = F.one_hot(torch.tensor(0), 60) * 100.0
+        try:
+            out = sample(ours, ids, mask, pixels, group_size=2, max_new_tokens=5, temperature=0, eos_token_id=[])
+            logits = ours(ids, pixels, attention_mask=mask)[:, -1]
+        finally:
+            hook.remove()
+            ours.lm_head.weight[IMAGE] = saved
+    assert (logits.argmax(-1) == IMAGE).all() and not (out.tokens == IMAGE).any()
+    assert out.tokens.max() < VOCAB
