@@ -75,38 +75,43 @@ def _merge_splits(row_max, sum_exp, sum_exp_z, target_logit):
     return logp, entropy, m, log_s
 
 
-def _matmul_f32(a, b):
-    """a @ b accumulated and returned in fp32 (cuBLAS takes bf16/fp16 operands as they are)."""
-    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
-
-
 def _backward(hidden, weight, chunk_width, grad_logits_chunk):
     """dH, dW from the logit gradient, one vocabulary chunk at a time.
 
-    grad_logits_chunk(v0, width) returns g (N, width) in the input dtype (as eager autograd would round it);
-    dW[chunk] = g^T H is one GEMM over all tokens, dH accumulates over chunks in fp32.
+    grad_logits_chunk(v0, width) returns g (N, width) in the input dtype (as eager autograd would round it).
+    dW[chunk] = g^T H is one GEMM over all tokens (fp32 accumulation inside the GEMM, rounded once); dH sums
+    over chunks in an fp32 buffer.
     """
     grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)  # (N, d)
     grad_weight = torch.empty_like(weight)  # (V, d)
     for v0 in range(0, weight.shape[0], chunk_width):
         width = min(chunk_width, weight.shape[0] - v0)
         g = grad_logits_chunk(v0, width)  # (N, width)
-        grad_hidden += _matmul_f32(g, weight[v0:v0 + width])
-        grad_weight[v0:v0 + width] = _matmul_f32(g.T, hidden)
+        w_chunk = weight[v0:v0 + width]
+        torch.mm(g.T, hidden, out=grad_weight[v0:v0 + width])
+        if g.dtype == torch.float32:
+            grad_hidden.addmm_(g, w_chunk)
+        elif g.is_cuda:  # cuBLAS takes the half operands as they are and returns fp32
+            grad_hidden += torch.mm(g, w_chunk, out_dtype=torch.float32)
+        else:
+            grad_hidden.addmm_(g.float(), w_chunk.float())
     return grad_hidden.to(hidden.dtype), grad_weight
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The torch path: the kernel's algorithm in plain torch, over vocabulary chunks of (N, chunk) logits.
+# The torch path: the kernel's algorithm in plain torch, over vocabulary chunks of (N, chunk) fp32 logits.
+# Written for few passes over each chunk (CPU time goes to memory traffic), mostly in place.
 
 def _torch_chunk_width(n_tokens, vocab):
     return max(1, min(vocab, TORCH_CHUNK_ELEMENTS // max(n_tokens, 1)))
 
 
-def _torch_logits(hidden, weight, v0, width, inv_temp):
-    return (hidden @ weight[v0:v0 + width].T).float().mul_(inv_temp)  # (N, width) fp32
+def _torch_shifted_logits(hidden, weight, v0, width, inv_temp, row_max=None):
+    """z / T - m for columns [v0, v0 + width), (N, width) fp32, and m (N,): the row max unless given."""
+    z = (hidden @ weight[v0:v0 + width].T).float()  # (N, width); in the input dtype first, like the reference
+    if row_max is None:
+        row_max = z.amax(1) * inv_temp  # T > 0, so the max commutes with the scaling (rounding is monotonic)
+    return torch.add(-row_max[:, None], z, alpha=inv_temp, out=z), row_max
 
 
 def _torch_forward(hidden, weight, targets, inv_temp, with_entropy):
@@ -115,39 +120,41 @@ def _torch_forward(hidden, weight, targets, inv_temp, with_entropy):
     parts = []
     for v0 in range(0, vocab, width):
         w = min(width, vocab - v0)
-        z = _torch_logits(hidden, weight, v0, w, inv_temp)  # (N, w)
+        z, m = _torch_shifted_logits(hidden, weight, v0, w, inv_temp)  # (N, w), (N,)
         local = targets - v0
         here = (local >= 0) & (local < w)
-        target_logit = torch.where(here, z.gather(1, local.clamp(0, w - 1)[:, None]).squeeze(1), 0.0)
-        m = z.amax(1)
-        z -= m[:, None]  # z - m <= 0
-        e = torch.exp(z)
-        sum_exp = e.sum(1)
-        sum_exp_z = e.mul_(z).sum(1) if with_entropy else None
-        parts.append((m, sum_exp, sum_exp_z, target_logit))
+        target_logit = torch.where(here, z.gather(1, local.clamp(0, w - 1)[:, None]).squeeze(1) + m, 0.0)
+        if with_entropy:
+            e = torch.exp(z)
+            parts.append((m, e.sum(1), torch.einsum("ij,ij->i", e, z), target_logit))
+        else:
+            parts.append((m, z.exp_().sum(1), None, target_logit))
     stacked = [torch.stack(p) if p[0] is not None else None for p in zip(*parts)]  # each (S, N)
     return _merge_splits(*stacked)
 
 
 def _torch_grad_logits(hidden, weight, targets, saved, g_logp, g_ent, inv_temp, v0, width):
-    """g = dL/d(H W^T) for vocabulary columns [v0, v0 + width): (N, width), in the input dtype."""
+    """g = dL/d(H W^T) for vocabulary columns [v0, v0 + width): (N, width), in the input dtype.
+
+    g = (1/T) [g_logp (onehot - p) - g_ent p (log p + H)] = -(1/T) p c + (1/T) g_logp onehot,
+    with c = g_logp + g_ent (log p + H).
+    """
     row_max, log_s, entropy = saved
-    logp = _torch_logits(hidden, weight, v0, width, inv_temp)
-    logp -= row_max[:, None]
-    logp -= log_s[:, None]  # log p_j, (N, width); m and log s kept apart so that z - LSE stays exact
-    p = torch.exp(logp)
-    if g_ent is not None:  # g_ent p (log p + H), built in logp's buffer
-        ent_term = logp.add_(entropy[:, None]).mul_(p).mul_(g_ent[:, None])
-    if g_logp is None:
-        g = ent_term.neg_()
-    else:  # g_logp (onehot - p), built in p's buffer
-        g = p.mul_(-g_logp[:, None])
+    z, _ = _torch_shifted_logits(hidden, weight, v0, width, inv_temp, row_max)  # (N, width), z / T - m
+    if g_ent is None:  # p = e^(z/T - m) / s: fold 1/s into the one multiply
+        g = z.exp_().mul_((-inv_temp * g_logp / log_s.exp())[:, None])
+    else:
+        logp = z.sub_(log_s[:, None])  # m and log s subtracted apart, so z - LSE stays exact under big offsets
+        p = torch.exp(logp)
+        c = logp.add_(entropy[:, None]).mul_(g_ent[:, None])
+        if g_logp is not None:
+            c += g_logp[:, None]
+        g = p.mul_(c).mul_(-inv_temp)
+    if g_logp is not None:
         local = targets - v0
         here = ((local >= 0) & (local < width)).nonzero().squeeze(1)
-        g[here, local[here]] += g_logp[here]
-        if g_ent is not None:
-            g -= ent_term
-    return g.mul_(inv_temp).to(hidden.dtype)
+        g[here, local[here]] += inv_temp * g_logp[here]
+    return g.to(hidden.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
