@@ -1,0 +1,594 @@
+"""The phantom world: synthetic chest radiographs with findings-style reports and exact CheXpert labels.
+
+The embedded default dataset: every stage of nanovalor runs on a laptop with nothing downloaded. A study is a
+rendered frontal chest radiograph (body, lungs with vessel markings, heart with a cardiothoracic ratio, mediastinum,
+trachea, diaphragm domes and costophrenic angles, ribs, clavicles, noise; per-patient pose, size and exposure) with
+findings drawn in, a report written from many phrasings, and the CheXpert-14 label vector of that report. Findings
+co-occur with clinical priors (cardiomegaly with edema and effusions, trauma with fracture and pneumothorax), so a
+model that ignores the image writes plausible but wrong findings; some are subtle (small effusion, small apical
+pneumothorax, small nodule), so looking carefully pays. The patient's right is on the image's left, as in radiology.
+
+    python -m nanovalor.phantoms --out data/phantoms --n_train 4000 --n_val 200 --n_test 500 --seed 0
+    python -m nanovalor.phantoms --sheet docs/phantoms.png      # 16 studies captioned with their findings
+
+writes DIR/images/{split}/*.png (8-bit grayscale, 128 x 128), DIR/tokenizer.json (byte-level BPE trained on the
+training reports) and, last, DIR/annotation.json: R2Gen's layout plus "labels" and "findings" (captions) per study,
+read by nanovalor.data.read_annotation like a real dataset. The same seed gives the same bytes.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from nanovalor.rewards import CHEXPERT_LABELS
+
+SIZE = 128
+UNIT_CM = 18.0  # the canonical frame spans [-1, 1]; one unit is 18 cm of patient (thoracic width ~ 26 cm)
+SPLITS = {"train": 0, "val": 1, "test": 2}
+GRADES, SIZES, SIDES = ("mild", "moderate", "severe"), ("small", "moderate", "large"), ("right", "left")
+LOBES = {  # centre (u, v) and radius in the canonical frame; u < 0 is the patient's right (the image's left)
+    "right upper lobe": (-0.42, -0.36, 0.2), "right middle lobe": (-0.32, 0.14, 0.15),
+    "right lower lobe": (-0.48, 0.34, 0.16), "left upper lobe": (0.45, -0.34, 0.2),
+    "left lower lobe": (0.56, 0.34, 0.14)}
+DEVICES = ("endotracheal tube", "enteric tube", "central venous catheter", "pacemaker")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a study: findings drawn with clinical priors, and a patient
+
+def sample_findings(rng) -> dict:
+    """Findings of one study as {name: parameters}; {} is a normal study. One clinical scenario per study sets the
+    co-occurrence priors; incidental atelectasis, nodules and a widened mediastinum can join any abnormal one."""
+    def chance(p):
+        return rng.random() < p
+
+    def pick(options, weights=None):
+        return options[rng.choice(len(options), p=weights)]
+
+    scenario = pick(("healthy", "cardiac", "infection", "icu", "trauma", "oncology"), (.3, .21, .17, .14, .09, .09))
+    f = {}
+    if scenario == "cardiac":
+        if chance(0.85):
+            f["cardiomegaly"] = _graded(rng, pick(GRADES, (0.45, 0.35, 0.2)), (0.54, 0.59, 0.65, 0.72))
+        if chance(0.6 if f else 0.35):
+            f["edema"] = _graded(rng, pick(GRADES, (0.5, 0.35, 0.15)), (0.07, 0.11, 0.15, 0.2))
+        if chance(0.5):
+            f["effusion"] = _pleural(rng, pick(("bilateral", "right", "left"), (0.55, 0.3, 0.15)))
+        if chance(0.25):
+            f["devices"] = ["pacemaker"]
+    elif scenario == "infection":
+        lobe = pick(tuple(LOBES), (0.18, 0.15, 0.3, 0.15, 0.22))
+        f["consolidation"] = {"lobe": lobe, "du": rng.uniform(-0.04, 0.04), "dv": rng.uniform(-0.04, 0.04),
+                              "r": rng.uniform(0.9, 1.2), "shape": rng.uniform(0, 2 * math.pi)}
+        if chance(0.3):
+            f["effusion"] = _pleural(rng, lobe.split()[0], sizes=(0.7, 0.3, 0.0))
+    elif scenario == "icu":
+        f["devices"] = [d for d, p in zip(DEVICES, (0.7, 0.6, 0.7)) if chance(p)] or ["central venous catheter"]
+        if chance(0.5):
+            f["atelectasis"] = _atelectasis(rng)
+        if chance(0.35):
+            f["effusion"] = _pleural(rng, pick(("bilateral", "right", "left")))
+        if chance(0.25):
+            f["edema"] = _graded(rng, pick(GRADES, (0.5, 0.4, 0.1)), (0.07, 0.11, 0.15, 0.2))
+        if chance(0.25):
+            f["cardiomegaly"] = _graded(rng, pick(GRADES, (0.6, 0.3, 0.1)), (0.54, 0.59, 0.65, 0.72))
+        if chance(0.08):
+            f["pneumothorax"] = _pleural(rng, pick(SIDES), sizes=(0.7, 0.3, 0.0))
+    elif scenario == "trauma":
+        side = pick(SIDES)
+        if chance(0.85):
+            f["fracture"] = {"side": side, "rib": int(rng.integers(4, 10)), "pos": rng.uniform(0.4, 0.56)}
+        if chance(0.5 if f else 1.0):
+            f["pneumothorax"] = _pleural(rng, side if chance(0.85) else pick(SIDES))
+        if chance(0.15):
+            f["effusion"] = _pleural(rng, side, sizes=(0.7, 0.3, 0.0))
+    elif scenario == "oncology":
+        f["nodule"] = _nodule(rng, pick(("nodule", "mass"), (0.6, 0.4)), pick(tuple(LOBES)))
+        if chance(0.25):
+            f["effusion"] = _pleural(rng, pick(("right", "left", "bilateral")))
+    if scenario != "healthy":
+        if "atelectasis" not in f and chance(0.08):
+            f["atelectasis"] = _atelectasis(rng)
+        if "nodule" not in f and chance(0.03):
+            f["nodule"] = _nodule(rng, "nodule", pick(tuple(LOBES)))
+        if chance(0.12 if scenario in ("trauma", "oncology") else 0.02):
+            f["mediastinum"] = {"width": rng.uniform(0.22, 0.28)}
+    return f
+
+
+def _graded(rng, grade, edges):
+    """A grade and its continuous amount (cardiothoracic ratio, edema density) within that grade's range."""
+    k = GRADES.index(grade)
+    return {"grade": grade, "amount": rng.uniform(edges[k], edges[k + 1])}
+
+
+def _pleural(rng, side, sizes=(0.5, 0.35, 0.15)):
+    """An effusion or pneumothorax: side, size class, and an amount in [0, 1] within that class."""
+    size = SIZES[rng.choice(3, p=sizes)]
+    lo, hi = {"small": (0.0, 0.3), "moderate": (0.4, 0.65), "large": (0.75, 1.0)}[size]
+    return {"side": side, "size": size, "amount": rng.uniform(lo, hi)}
+
+
+def _atelectasis(rng):
+    side = SIDES[rng.integers(2)] if rng.random() < 0.55 else "bilateral"
+    return {"side": side, "dv": rng.uniform(0.0, 0.1), "tilt": rng.uniform(-0.15, 0.15)}
+
+
+def _nodule(rng, kind, lobe):
+    cm = rng.uniform(1.0, 2.8) if kind == "nodule" else rng.uniform(3.2, 6.0)
+    return {"kind": kind, "lobe": lobe, "cm": round(cm, 1), "du": rng.uniform(-0.07, 0.07),
+            "dv": rng.uniform(-0.07, 0.07)}
+
+
+def sample_patient(rng) -> dict:
+    """Anatomy, pose and exposure of one patient, and the seed of everything random in their image."""
+    return {"scale": rng.uniform(0.88, 1.0), "dx": rng.uniform(-0.05, 0.05), "dy": rng.uniform(-0.02, 0.06),
+            "angle": rng.uniform(-0.06, 0.06), "ctr": rng.uniform(0.38, 0.48), "dome": rng.uniform(0.4, 0.48),
+            "dome_left": rng.uniform(0.02, 0.07), "mediastinum": rng.uniform(0.1, 0.13),
+            "rib0": rng.uniform(-0.93, -0.87), "rib_gap": rng.uniform(0.125, 0.14), "gain": rng.uniform(0.9, 1.08),
+            "bias": rng.uniform(-0.03, 0.04), "curve": rng.uniform(-0.3, 0.3), "noise": rng.uniform(0.008, 0.02),
+            "seed": int(rng.integers(2**31))}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rendering: densities in the patient's canonical frame (u to the image's right, v down, [-1, 1] when upright)
+
+def _soft(signed_distance, edge):
+    """Anti-aliased mask: 1 inside (distance < 0), 0 outside, a linear ramp `edge` wide."""
+    return np.clip(0.5 - signed_distance / edge, 0.0, 1.0)
+
+
+def _ellipse(u, v, cu, cv, a, b, edge):
+    return _soft((np.sqrt(((u - cu) / a) ** 2 + ((v - cv) / b) ** 2) - 1) * min(a, b), edge)
+
+
+def _polyline(u, v, points, width, edge):
+    """Mask of a tube `width` wide along the polyline `points` (tubes, catheters, leads)."""
+    dist2 = None
+    for (u0, v0), (u1, v1) in zip(points[:-1], points[1:]):
+        du, dv = u1 - u0, v1 - v0
+        t = np.clip(((u - u0) * du + (v - v0) * dv) / (du * du + dv * dv), 0, 1)  # nearest point of the segment
+        d2 = (u - u0 - t * du) ** 2 + (v - v0 - t * dv) ** 2
+        dist2 = d2 if dist2 is None else np.minimum(dist2, d2)
+    return _soft(np.sqrt(dist2) - width / 2, edge)
+
+
+def _spokes(du, dv, n, phase):
+    """cos(n * angle + phase), with the pseudo-angle dv / (|du| + |dv|) (in [-1, 1] over a half turn, mirrored
+    across the vertical) for the angle of (du, dv): numpy's arctan2 is ten times slower."""
+    return np.cos((np.pi / 2 * n) * dv / (np.abs(du) + np.abs(dv) + 1e-6) + phase)
+
+
+@lru_cache(maxsize=4)
+def _grid(size):
+    y, x = (np.mgrid[0:size, 0:size].astype(np.float32) + 0.5) * (2 / size) - 1  # pixel centres in [-1, 1]
+    return x, y
+
+
+def render(patient: dict, findings: dict, size=SIZE) -> np.ndarray:
+    """A (size, size) uint8 radiograph of `patient` with `findings` drawn in."""
+    P, f = patient, findings
+    rng = np.random.default_rng(P["seed"])  # drawn in a fixed order, whatever the findings
+    noise = rng.random((size, size), dtype=np.float32) - 0.5  # uniform: numpy's normal sampler is 4x slower
+    waves = rng.uniform(0, 2 * math.pi, (2, 3, 2)).astype(np.float32)  # (x|y, component, frequency|phase)
+    spin = rng.uniform(0, 2 * math.pi)
+
+    x, y = _grid(size)  # pose: image coordinates -> the patient's canonical frame (u, v)
+    c, s = math.cos(P["angle"]), math.sin(P["angle"])
+    u = ((x - P["dx"]) * c + (y - P["dy"]) * s) / P["scale"]
+    v = (-(x - P["dx"]) * s + (y - P["dy"]) * c) / P["scale"]
+    px = 2 / size / P["scale"]  # one pixel in canonical units: the width of every anti-aliasing ramp
+    right = (u < 0).astype(np.float32)  # the patient's right half
+    grid = np.linspace(-1, 1, size, dtype=np.float32)
+    texture = sum(np.outer(np.cos((2 + waves[1, k, 0]) * grid + waves[1, k, 1]),  # a faint, smooth mottle in [0, 1]
+                           np.cos((2 + waves[0, k, 0]) * grid + waves[0, k, 1])) for k in range(3)) / 6 + 0.5
+
+    # Chest wall: half-width W(v), round at the apices, widest at the bases; the pleura 0.07 inside it.
+    wall = 0.8 * np.sqrt(np.clip(1 - ((v - 0.4) / 1.2) ** 2, 0, 1))
+    inner = wall - 0.07
+    dome_r, dome_l = P["dome"], P["dome"] + P["dome_left"]  # the left hemidiaphragm sits a little lower
+    dome = dome_r + P["dome_left"] * (1 - right) + 1.2 * (np.abs(u) - 0.28) ** 2  # lowest laterally
+    below = _soft(dome - v, px)  # under the diaphragm
+    cavity = _soft(np.abs(u) - inner, px) * (1 - below)  # both pleural cavities
+    ctr = f["cardiomegaly"]["amount"] if "cardiomegaly" in f else P["ctr"]
+    a = ctr * 0.73  # heart half-width = CTR x the inner thoracic half-width (0.73 at the bases)
+    heart = _ellipse(u, v, 0.4 * a + 0.02, dome_l - 0.15, a, 0.32 + 0.3 * (ctr - 0.45), px)
+    mw = f["mediastinum"]["width"] if "mediastinum" in f else P["mediastinum"]
+    mediastinum = np.maximum(_soft(np.abs(u - 0.02) - mw, px), _ellipse(u, v, mw + 0.03, -0.3, 0.07, 0.07, px))
+    solid = np.maximum(heart, mediastinum) * (1 - below)  # + the aortic knob, above
+    lungs = cavity * (1 - solid)
+
+    shoulders = 0.97 * np.sqrt(np.clip(1 - ((v + 1.15) / 0.65) ** 2, 0, 1))
+    body = _soft(np.abs(u) - np.maximum(wall + 0.14, shoulders), px)
+    d = 0.04 + 0.42 * body + 0.12 * body * below + 0.16 * solid
+    d -= 0.12 * _soft(np.abs(u - 0.01) - 0.035, px) * (v < -0.22)  # trachea, down to the carina
+    d -= 0.18 * _ellipse(u, v, 0.42, dome_l + 0.14, 0.12, 0.07, px)  # gastric air bubble
+
+    # Lung markings: vessels fanning out of each hilum and fading to the periphery, on a faint texture.
+    hu = 0.22 - 0.42 * right
+    r = np.sqrt((u - hu) ** 2 + (v + 0.05) ** 2)
+    vessels = (0.5 + 0.5 * _spokes(u - hu, v + 0.05, 11, spin)) ** 2
+    parenchyma = 0.04 + 0.03 * texture + 0.1 * vessels * vessels * vessels * np.exp(-r / 0.4) * (0.5 + texture)
+
+    # Pleural findings: fluid replaces lung at the base (with a meniscus), air replaces it at the apex and wall.
+    fluid, ptx, edge_line = np.zeros_like(u), np.zeros_like(u), np.zeros_like(u)
+    for side in _sides(f.get("effusion")):
+        sign, this, top = (-1, right, dome_r) if side == "right" else (1, 1 - right, dome_l)
+        h = 0.15 + 0.45 * f["effusion"]["amount"]  # height above the costophrenic angle (|u| ~ 0.72)
+        level = top + 1.2 * 0.44 ** 2 - h * (0.5 + 0.5 * np.clip(sign * u / 0.72, 0, 1) ** 2)
+        fluid = np.maximum(fluid, _soft(level - v, 0.04) * this)
+    for side in _sides(f.get("pneumothorax")):
+        this = right if side == "right" else 1 - right
+        gap = (0.05 + 0.3 * f["pneumothorax"]["amount"]) * np.clip((0.6 - v) / 1.2, 0.1, 1)  # widest at apex
+        ptx, edge_line = _soft(inner - np.abs(u) - gap, px) * this, _soft(np.abs(inner - np.abs(u) - gap) - 0.006,
+                                                                          px) * this
+    air = lungs * (1 - fluid)
+    d += air * (parenchyma * (1 - ptx) - 0.36 - 0.06 * ptx + 0.08 * edge_line)
+
+    # Parenchymal findings: densities inside the lungs.
+    if "consolidation" in f:
+        c = f["consolidation"]
+        cu, cv, rad = LOBES[c["lobe"]]
+        du, dv = u - cu - c["du"], v - cv - c["dv"]
+        edge = rad * c["r"] * (1 + 0.2 * _spokes(du, dv, 3, c["shape"]))
+        d += 0.3 * lungs * np.clip(3 * (1 - np.sqrt(du * du + dv * dv) / edge), 0, 1) * (0.7 + 0.3 * texture)
+    if "edema" in f:  # perihilar haze in both lungs, some at the bases too
+        d += f["edema"]["amount"] * lungs * (np.exp(-(r / 0.42) ** 2) + 0.35 * np.clip(v / 0.4, 0, 1))
+    for side in _sides(f.get("atelectasis")):  # a linear band above the dome
+        at, mid = f["atelectasis"], -0.42 if side == "right" else 0.52  # the left one lateral to the heart
+        vb = (dome_r if side == "right" else dome_l) - 0.14 - at["dv"] + at["tilt"] * (u - mid)
+        d += 0.28 * lungs * _soft(np.abs(v - vb) - 0.025, px) * _soft(np.abs(u - mid) - 0.2, px)
+    if "nodule" in f:
+        n = f["nodule"]
+        cu, cv, _ = LOBES[n["lobe"]]
+        rad, du, dv = n["cm"] / 2 / UNIT_CM, u - cu - n["du"], v - cv - n["dv"]
+        dist = np.sqrt(du * du + dv * dv) * (1 + 0.12 * _spokes(du, dv, 5, 0) * (n["kind"] == "mass"))
+        d += 0.32 * cavity * _soft(dist - rad, max(px, 0.2 * rad))
+
+    # Bones: ten posterior ribs curving down laterally, and the clavicles.
+    phase = (v - P["rib0"] - 0.3 * u * u) / P["rib_gap"]
+    rib = np.floor(phase)
+    broken = np.zeros(u.shape, bool)
+    if "fracture" in f:  # a gap across one rib, its lateral fragment stepped down
+        fr = f["fracture"]
+        sign = -1 if fr["side"] == "right" else 1
+        this_rib = (rib == fr["rib"] - 1) & (sign * u > 0)
+        phase = phase - 0.3 * (this_rib & (sign * u > fr["pos"]))
+        broken = this_rib & (np.abs(sign * u - fr["pos"]) < 0.03)
+    t = phase - np.floor(phase)
+    t = np.minimum(t / 0.42, 1)  # a rib is the first 42% of each period, brightest in its middle
+    ribs = 4 * t * (1 - t) * ((rib >= 0) & (rib < 10) & ~broken)
+    d += 0.13 * ribs * _soft(np.abs(u) - wall, px) * (v < dome + 0.1)
+    d += 0.1 * _soft(np.abs(v + 0.68 + 0.15 * np.abs(u)) - 0.03, px) * (np.abs(u) > 0.08) * (np.abs(u) < 0.7)
+
+    for device in f.get("devices", []):  # radiopaque: brighter than any anatomy
+        d += 0.5 * _device(u, v, device, dome_l, px)
+
+    image = np.clip(P["gain"] * d + P["bias"], 0, 1)
+    image = image + P["curve"] * image * (1 - image) + P["noise"] * math.sqrt(12) * noise  # exposure curve, noise
+    return np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8)
+
+
+def _sides(finding):
+    return () if finding is None else SIDES if finding["side"] == "bilateral" else (finding["side"],)
+
+
+def _device(u, v, name, dome_l, px):
+    if name == "endotracheal tube":  # tip 4.5 cm above the carina (v = -0.22)
+        return _polyline(u, v, [(0.01, -1.3), (0.01, -0.22 - 4.5 / UNIT_CM)], 0.022, px)
+    if name == "enteric tube":  # down the oesophagus, through the hiatus, into the gastric bubble
+        return _polyline(u, v, [(0.04, -1.3), (0.05, -0.3), (0.07, dome_l - 0.02), (0.22, dome_l + 0.12),
+                                (0.4, dome_l + 0.15)], 0.016, px)
+    if name == "central venous catheter":  # right internal jugular, tip in the superior vena cava
+        return _polyline(u, v, [(-0.3, -1.3), (-0.16, -0.72), (-0.08, -0.4), (-0.07, -0.08)], 0.014, px)
+    generator = _soft(np.maximum(np.abs(u - 0.52) - 0.09, np.abs(v + 0.62) - 0.06), px)  # pacemaker, 2 leads
+    leads = np.maximum(_polyline(u, v, [(0.46, -0.6), (0.14, -0.5), (-0.04, -0.18), (-0.06, 0.06)], 0.012, px),
+                       _polyline(u, v, [(0.46, -0.58), (0.1, -0.44), (0.0, -0.04), (0.14, 0.26), (0.24, 0.34)],
+                                 0.012, px))
+    return np.maximum(1.4 * generator, leads)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reports. PHRASES lines: "bank [labels]: sentence | sentence ..." (an indented line continues the one above). The
+# labels are what a CheXpert-style labeler reads from each of those sentences: observations, positive unless marked
+# "?" (uncertain) or "-" (negative). Banks "no X Y" hold pertinent negatives and normal-limits sentences, true when
+# the findings X and Y are absent.
+
+PHRASES = """
+cardiomegaly [Cardiomegaly]: {grade} cardiomegaly. | There is {grade} cardiomegaly. | The heart is {adverb} enlarged.
+cardiomegaly [Cardiomegaly]: Heart size is {adverb} enlarged. | The cardiac silhouette is {adverb} enlarged.
+cardiomegaly [Cardiomegaly]: {grade} enlargement of the cardiac silhouette.
+mediastinum [Enlarged Cardiomediastinum]: The mediastinum is widened. | Widening of the mediastinum.
+mediastinum [Enlarged Cardiomediastinum]: The superior mediastinum is widened. | Widened mediastinal contours.
+mediastinum [Enlarged Cardiomediastinum]: The mediastinal silhouette is widened.
+effusion [Pleural Effusion]: {size} {side} pleural effusion. | There is a {size} {side} pleural effusion.
+effusion [Pleural Effusion]: A {size} {side} pleural effusion is present. | {size} {side}-sided pleural effusion.
+effusion [Pleural Effusion]: {size} {side} effusion with blunting of the costophrenic angle.
+effusion [Pleural Effusion]: There is a {size} layering {side} pleural effusion.
+bilateral effusion [Pleural Effusion]: {size} bilateral pleural effusions. | {size} pleural effusions bilaterally.
+bilateral effusion [Pleural Effusion]: There are {size} bilateral pleural effusions.
+bilateral effusion [Pleural Effusion]: Bilateral {size} pleural effusions are present.
+bilateral effusion [Pleural Effusion]: {size} right and left pleural effusions.
+pneumothorax [Pneumothorax]: {size} {side} pneumothorax. | There is a {size} {side} pneumothorax.
+pneumothorax [Pneumothorax]: A {size} {side}-sided pneumothorax is present. | {side} pneumothorax, {size} in size.
+pneumothorax [Pneumothorax]: A {size} pneumothorax is seen on the {side}.
+small pneumothorax [Pneumothorax]: Small {side} apical pneumothorax.
+consolidation [Consolidation]: Focal consolidation in the {lobe}. | There is {lobe} consolidation.
+consolidation [Consolidation]: {lobe} airspace consolidation.
+consolidation [Lung Opacity]: Airspace opacity in the {lobe}. | There is a patchy opacity in the {lobe}.
+consolidation [Consolidation, Pneumonia?]: {lobe} consolidation, concerning for pneumonia.
+consolidation [Lung Opacity, Pneumonia?]: {lobe} opacity, suspicious for pneumonia.
+consolidation [Consolidation, Pneumonia]: Consolidation in the {lobe} consistent with pneumonia.
+consolidation [Pneumonia]: {lobe} pneumonia.
+edema [Edema]: {grade} pulmonary edema. | There is {grade} pulmonary edema. | {grade} interstitial pulmonary edema.
+edema [Edema]: Findings are consistent with {grade} pulmonary edema.
+edema [Edema]: {grade} pulmonary vascular congestion and interstitial edema.
+edema [Lung Opacity, Edema]: Bilateral perihilar opacities consistent with {grade} pulmonary edema.
+atelectasis [Atelectasis]: {side} basilar atelectasis. | Linear atelectasis at the {side} lung base.
+atelectasis [Atelectasis]: Subsegmental atelectasis in the {side} lower lobe.
+atelectasis [Atelectasis]: There is mild {side} basilar atelectasis. | Discoid atelectasis at the {side} base.
+atelectasis [Lung Opacity, Atelectasis]: Streaky {side} basilar opacity consistent with atelectasis.
+bilateral atelectasis [Atelectasis]: Bibasilar atelectasis. | Mild bibasilar atelectasis.
+bilateral atelectasis [Atelectasis]: Linear atelectasis at both lung bases.
+    There is bibasilar subsegmental atelectasis.
+bilateral atelectasis [Lung Opacity, Atelectasis]: Streaky bibasilar opacities consistent with atelectasis.
+nodule [Lung Lesion]: A {cm} cm nodule in the {lobe}. | There is a {cm} cm pulmonary nodule in the {lobe}.
+nodule [Lung Lesion]: {cm} cm {lobe} nodule. | A well-circumscribed {cm} cm nodule projects over the {lobe}.
+nodule [Lung Lesion]: Rounded {cm} cm nodule in the {lobe}.
+mass [Lung Lesion]: A {cm} cm mass in the {lobe}. | There is a {cm} cm {lobe} mass. | {lobe} mass measuring {cm} cm.
+mass [Lung Lesion]: Large {cm} cm mass in the {lobe}, concerning for malignancy.
+mass [Lung Lesion]: A lobulated {cm} cm mass is seen in the {lobe}.
+fracture [Fracture]: {side} {rib} rib fracture. | Acute fracture of the {side} {rib} rib.
+fracture [Fracture]: There is a displaced fracture of the {side} {rib} posterior rib.
+fracture [Fracture]: A fracture of the {side} {rib} rib is noted. | Displaced {side} {rib} rib fracture.
+endotracheal tube [Support Devices]: Endotracheal tube terminates 4.5 cm above the carina.
+endotracheal tube [Support Devices]: An endotracheal tube is in place with the tip 4.5 cm above the carina.
+endotracheal tube [Support Devices]: ET tube tip is 4.5 cm above the carina. | Endotracheal tube in standard position.
+enteric tube [Support Devices]: Enteric tube courses below the diaphragm with the tip in the stomach.
+enteric tube [Support Devices]: A nasogastric tube extends into the stomach. | Nasogastric tube tip is in the stomach.
+enteric tube [Support Devices]: An orogastric tube is seen coursing into the stomach.
+central venous catheter [Support Devices]: Right internal jugular central venous catheter terminates in the SVC.
+central venous catheter [Support Devices]: Right internal jugular catheter tip in the superior vena cava.
+central venous catheter [Support Devices]: A right internal jugular central line ends in the superior vena cava.
+central venous catheter [Support Devices]: Right-sided central venous catheter with its tip in the SVC.
+pacemaker [Support Devices]: Left chest wall pacemaker with leads in the right atrium and right ventricle.
+pacemaker [Support Devices]: A left-sided pacemaker is present with leads terminating in the right ventricle.
+pacemaker [Support Devices]: Dual-lead pacemaker overlies the left chest.
+pacemaker [Support Devices]: Cardiac pacemaker in place with intact leads.
+no cardiomegaly [Cardiomegaly-]: Heart size is normal. | The heart is normal in size. | Normal heart size.
+no cardiomegaly [Cardiomegaly-]: Heart size is within normal limits. | The cardiac silhouette is normal in size.
+no mediastinum [Enlarged Cardiomediastinum-]: The mediastinal contours are normal. | The mediastinum is unremarkable.
+no mediastinum [Enlarged Cardiomediastinum-]: Mediastinal contours are within normal limits.
+no mediastinum []: The hila are unremarkable.
+no cardiomegaly mediastinum [Enlarged Cardiomediastinum-]: The cardiomediastinal silhouette is within normal limits.
+no cardiomegaly mediastinum [Enlarged Cardiomediastinum-]: Normal cardiomediastinal silhouette.
+no cardiomegaly mediastinum [Cardiomegaly-, Enlarged Cardiomediastinum-]: Normal heart size and mediastinal contours.
+    Heart size and mediastinal contours are normal.
+no consolidation edema atelectasis nodule pneumothorax []: The lungs are clear. | Lungs are clear bilaterally.
+no consolidation edema atelectasis nodule pneumothorax []: The lungs are well expanded and clear.
+no consolidation edema atelectasis nodule pneumothorax [Lung Opacity-]: No focal airspace disease.
+no consolidation [Consolidation-]: No focal consolidation. | There is no focal consolidation.
+no consolidation [Consolidation-]: No focal airspace consolidation.
+no edema [Edema-]: No pulmonary edema. | There is no pulmonary edema. | No evidence of pulmonary edema.
+no effusion [Pleural Effusion-]: No pleural effusion. | There is no pleural effusion. | No pleural effusions.
+no pneumothorax [Pneumothorax-]: No pneumothorax. | There is no pneumothorax. | No evidence of pneumothorax.
+no effusion pneumothorax [Pleural Effusion-, Pneumothorax-]: No pleural effusion or pneumothorax.
+no effusion pneumothorax [Pleural Effusion-, Pneumothorax-]: No pneumothorax or pleural effusion.
+no effusion pneumothorax [Pleural Effusion-, Pneumothorax-]: There is no pleural effusion or pneumothorax.
+no effusion pneumothorax [Pleural Effusion-, Pneumothorax-]: There is no effusion or pneumothorax.
+no consolidation effusion pneumothorax [Consolidation-, Pleural Effusion-, Pneumothorax-]:
+    No focal consolidation, pleural effusion, or pneumothorax.
+    No focal consolidation, effusion, or pneumothorax is seen.
+no fracture []: No acute osseous abnormality. | The osseous structures are intact.
+no fracture []: Visualized osseous structures are unremarkable.
+no fracture [Fracture-]: No displaced rib fracture. | No fracture is identified.
+"""
+TOPIC = {"cardiomegaly": "heart", "mediastinum": "heart", "consolidation": "lungs", "edema": "lungs",
+         "atelectasis": "lungs", "nodule": "lungs", "effusion": "pleura", "pneumothorax": "pleura",
+         "fracture": "bones", "devices": "devices"}
+ORDERS = (("devices", "heart", "lungs", "pleura", "bones"), ("devices", "lungs", "pleura", "heart", "bones"),
+          ("heart", "lungs", "pleura", "bones", "devices"), ("lungs", "pleura", "heart", "devices", "bones"))
+INTROS = ("PA view of the chest.", "Frontal view of the chest.", "Single frontal radiograph of the chest.")
+CLOSINGS = ("No acute cardiopulmonary process.", "No acute cardiopulmonary abnormality.",
+            "No acute intrathoracic process.")
+
+
+def _phrase_banks(text):
+    banks = {}
+    for line in text.strip().splitlines():
+        if not line.startswith(" "):  # else: more sentences of the bank and labels above
+            head, line = line.split("]:")
+            bank, labels = head.split(" [")
+            parsed = {}
+            for name in filter(None, (name.strip() for name in labels.split(","))):
+                assert name.rstrip("?-") in CHEXPERT_LABELS, f"PHRASES: unknown observation {name!r} in {head!r}"
+                parsed[name.rstrip("?-")] = -1 if name.endswith("?") else 0 if name.endswith("-") else 1
+        sentences = [sentence.strip() for sentence in line.split(" | ") if sentence.strip()]
+        banks.setdefault(bank, []).extend((sentence, parsed) for sentence in sentences)
+    return banks
+
+
+BANKS = _phrase_banks(PHRASES)
+
+
+def write_report(findings: dict, rng) -> tuple[str, tuple]:
+    """(report text, its 14 labels): 1.0 / 0.0 / -1.0 / None (unmentioned), as the sentences state them."""
+    def choose(bank):
+        return BANKS[bank][rng.integers(len(BANKS[bank]))]
+
+    chosen = []  # (topic, sentence, labels)
+    for name, p in findings.items():
+        if name == "devices":
+            chosen += [("devices", *choose(device)) for device in p]
+            continue
+        bank = p["kind"] if name == "nodule" else name
+        bank = f"bilateral {bank}" if p.get("side") == "bilateral" else bank
+        if name == "pneumothorax" and p["size"] == "small" and rng.random() < 0.2:
+            bank = "small pneumothorax"  # only a small one is purely apical
+        sentence, labels = choose(bank)
+        fields = dict(p, adverb={"mild": "mildly", "moderate": "moderately", "severe": "markedly"}.get(p.get("grade")),
+                      rib={4: "4th", 5: "5th", 6: "6th", 7: "7th", 8: "8th", 9: "9th"}.get(p.get("rib")))
+        chosen.append((TOPIC[name], sentence.format(**fields), labels))
+    stated = set()  # pertinent negatives: each absent finding at most once, larger groups first
+    for bank in sorted((b for b in BANKS if b.startswith("no ")), key=lambda b: (-len(b.split()), b)):
+        absent = bank.split()[1:]
+        if stated.isdisjoint(absent) and not any(a in findings for a in absent) and rng.random() < 0.55:
+            stated.update(absent)
+            chosen.append(("lungs" if "consolidation" in absent else TOPIC[absent[0]], *choose(bank)))
+    order = ORDERS[rng.integers(len(ORDERS))]
+    rng.shuffle(chosen)  # varied order within a topic
+    chosen.sort(key=lambda item: order.index(item[0]))
+    sentences = [sentence[0].upper() + sentence[1:] for _, sentence, _ in chosen]
+    labels = aggregate_labels([labels for _, _, labels in chosen])
+    if labels[-1] == 1.0 and rng.random() < 0.3:
+        sentences.append(CLOSINGS[rng.integers(len(CLOSINGS))])
+    if rng.random() < 0.3:
+        sentences.insert(0, INTROS[rng.integers(len(INTROS))])
+    return " ".join(sentences), labels
+
+
+def aggregate_labels(sentence_labels: list[dict]) -> tuple:
+    """CheXpert's aggregation (chexpert-labeler stages/aggregate.py): positive beats uncertain beats negative;
+    No Finding is 1 when nothing but Support Devices is positive or uncertain, else unmentioned."""
+    values = {}
+    for labels in sentence_labels:
+        for name, value in labels.items():
+            values.setdefault(name, set()).add(value)
+    out = [None if name not in values else 1.0 if 1 in values[name] else -1.0 if -1 in values[name] else 0.0
+           for name in CHEXPERT_LABELS[:-1]]
+    finding = any(v in (1.0, -1.0) for name, v in zip(CHEXPERT_LABELS, out) if name != "Support Devices")
+    return tuple(out) + (None if finding else 1.0,)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# studies, the dataset on disk, the tokenizer and the contact sheet
+
+def make_study(seed: int, split: str, index: int, size=SIZE) -> dict:
+    """Study `index` of `split`: findings, patient and report each from their own random stream, so each is a
+    pure function of (seed, split, index)."""
+    streams = [np.random.default_rng([seed, SPLITS[split], index, k]) for k in range(3)]
+    findings = sample_findings(streams[0])
+    report, labels = write_report(findings, streams[2])
+    return {"id": f"phantom-{split}-{index:05d}", "image": render(sample_patient(streams[1]), findings, size),
+            "report": report, "labels": labels, "findings": findings, "captions": describe(findings)}
+
+
+CAPTIONS = {"cardiomegaly": "{grade} cardiomegaly", "edema": "{grade} edema", "effusion": "{size} {side} effusion",
+            "pneumothorax": "{size} {side} pneumothorax", "consolidation": "consolidation, {lobe}",
+            "atelectasis": "{side} atelectasis", "nodule": "{cm} cm {kind}, {lobe}", "mediastinum": "wide mediastinum",
+            "fracture": "{side} rib {rib} fracture"}
+
+
+def describe(findings: dict) -> list[str]:
+    """Short captions of the findings (sides are the patient's)."""
+    return [caption for name, p in findings.items()
+            for caption in (p if name == "devices" else [CAPTIONS[name].format(**p)])] or ["normal"]
+
+
+def generate(out, n_train=4000, n_val=200, n_test=500, seed=0, size=SIZE, vocab_size=2048, progress=True) -> dict:
+    """Write the phantom dataset to `out` (layout in the module docstring); returns the annotation dict."""
+    out, start, done = Path(out), time.perf_counter(), 0
+    total, annotation = n_train + n_val + n_test, {}
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        (out / "images" / split).mkdir(parents=True, exist_ok=True)
+        entries = annotation[split] = []
+        for index in range(n):
+            study = make_study(seed, split, index, size)
+            path = f"{split}/{study['id']}.png"
+            _atomic_write(out / "images" / path, lambda file, s=study: Image.fromarray(s["image"]).save(file, "PNG"))
+            labels = {k: v for k, v in zip(CHEXPERT_LABELS, study["labels"]) if v is not None}
+            entries.append({"id": study["id"], "report": study["report"], "image_path": [path], "labels": labels,
+                            "findings": study["captions"]})
+            done += 1
+            if progress and (done % max(1, total // 200) == 0 or done == total):
+                rate = done / (time.perf_counter() - start)
+                print(f"\rphantoms [{'#' * (30 * done // total):<30}] {done}/{total} {rate:.0f} studies/s", end="",
+                      file=sys.stderr)
+    if progress and total:
+        print(file=sys.stderr)
+    if n_train:
+        train_tokenizer([e["report"] for e in annotation["train"]], out / "tokenizer.json", vocab_size)
+    text = json.dumps(annotation, indent=1)
+    _atomic_write(out / "annotation.json", lambda file: file.write(text.encode()))  # last: marks completion
+    return annotation
+
+
+def _atomic_write(path, write):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as file:
+        write(file)
+    os.replace(tmp, path)
+
+
+def train_tokenizer(reports: list[str], path, vocab_size=2048):
+    """Byte-level BPE on the reports, with <unk>=0, <s>=1, </s>=2, <pad>=3, <image>=4; saved as tokenizer.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(reports, trainer)
+    _atomic_write(path, lambda file: file.write(tokenizer.to_str().encode()))
+    return tokenizer
+
+
+def contact_sheet(path, seed=0, size=SIZE, n=16):
+    """A 4-column sheet of training studies captioned with their findings: two normal ones, then, greedily among
+    the first 200, the study showing the most kinds of finding (then captions) not yet on the sheet."""
+    def kinds(study):
+        f = study["findings"]
+        return {f["nodule"]["kind"] if k == "nodule" else k for k in f if k != "devices"} | set(f.get("devices", []))
+
+    pool = [make_study(seed, "train", index, size) for index in range(200)]
+    picked = [s for s in pool if not s["findings"]][:2]
+    while len(picked) < n:
+        shown, captions = set().union(*map(kinds, picked)), {c for s in picked for c in s["captions"]}
+        picked.append(max((s for s in pool if s not in picked),
+                          key=lambda s: (len(kinds(s) - shown), len(set(s["captions"]) - captions))))
+    font, line_h, tile_w = ImageFont.load_default(size=11), 13, max(size, 180)
+    tile_h = size + 4 * line_h + 8
+    sheet = Image.new("L", (4 * tile_w, math.ceil(n / 4) * tile_h), 255)
+    draw = ImageDraw.Draw(sheet)
+    for k, study in enumerate(picked):
+        x, y = (k % 4) * tile_w, (k // 4) * tile_h
+        sheet.paste(Image.fromarray(study["image"]), (x + (tile_w - size) // 2, y + 4))
+        for j, caption in enumerate(study["captions"][:4]):
+            draw.text((x + 4, y + size + 6 + j * line_h), caption, fill=0, font=font)
+    _atomic_write(path, lambda file: sheet.save(file, "PNG", optimize=True))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", help="folder to write the dataset to")
+    for name, default in (("n_train", 4000), ("n_val", 200), ("n_test", 500), ("seed", 0), ("size", SIZE),
+                          ("vocab_size", 2048)):
+        p.add_argument(f"--{name}", type=int, default=default)
+    p.add_argument("--sheet", help="write a contact sheet of 16 studies captioned with their findings to this PNG")
+    args = p.parse_args(argv)
+    if not args.out and not args.sheet:
+        p.error("nothing to do: give --out DIR and/or --sheet FILE.png")
+    if args.out:
+        start = time.perf_counter()
+        annotation = generate(args.out, args.n_train, args.n_val, args.n_test, args.seed, args.size, args.vocab_size)
+        studies = [e for split in annotation.values() for e in split]
+        seconds, n = time.perf_counter() - start, max(1, len(studies))
+        normal = sum(e["labels"].get("No Finding") == 1.0 for e in studies) / n
+        distinct = len({e["report"] for e in studies}) / n
+        print(f"{len(studies)} studies in {seconds:.1f} s ({len(studies) / seconds:.0f}/s) -> {args.out}: "
+              f"No Finding {normal:.1%}, distinct reports {distinct:.1%}")
+    if args.sheet:
+        contact_sheet(args.sheet, args.seed, args.size)
+        print(f"contact sheet -> {args.sheet}")
+
+
+if __name__ == "__main__":
+    main()
