@@ -178,8 +178,10 @@ class CiderD:
     def __init__(self, corpus, n=4, sigma=6.0):
         self.n, self.sigma = n, sigma
         df = Counter()
-        for ref_list in _as_ref_lists(corpus):
-            df.update({gram for ref in ref_list for counter in _ngram_counts(ref, n)[1] for gram in counter})
+        documents = Counter(tuple(ref_list) for ref_list in _as_ref_lists(corpus))  # a GRPO batch repeats them
+        for ref_list, times in documents.items():
+            for gram in {gram for ref in ref_list for counter in _ngram_counts(ref, n)[1] for gram in counter}:
+                df[gram] += times
         self.ref_len = float(np.log(float(max(1, len(corpus)))))  # log(#documents)
         # idf of every n-gram of the corpus, computed once; an unseen n-gram has df = 0 -> idf = ref_len.
         grams = list(df)
