@@ -15,7 +15,8 @@ GPU: N = 16384, d = 2048, V in {32000, 151936}, bf16, T = 1: eager, chunked torc
 cross-entropy (reduction="none", when liger_kernel is importable) and ours (Triton). Forward-only time (the old and
 reference policy passes), fwd + bwd time (median of triton.testing.do_bench), peak extra memory over the inputs
 (with and without the gradients), effective TFLOP/s = 8 N d V / (fwd + bwd time). Then bf16 accuracy against a
-float64 oracle (CCE's criterion: |ours - fp64| <= |eager bf16 - fp64| + 1e-2 elementwise), and a sweep of a few
+float64 oracle (CCE's criterion |ours - fp64| <= |eager bf16 - fp64| + 1e-2 elementwise; for the gradients,
+whose size follows the upstream gradient, 1e-2 x their largest magnitude), and a sweep of a few
 tile configurations for ours (copy the best into logprobs.CUDA_TILES). Targets: ours <= 1.0x eager time, <= 2 %
 of eager's extra memory, >= 450 TFLOP/s at V = 151936 (the 790 TFLOP/s floor is 51.6 ms).
 """
@@ -134,6 +135,11 @@ def cpu_bench():
 # ----------------------------------------------------------------------------------------------------------------
 # GPU
 
+GPU = "cuda"
+GPU_SHAPE = dict(n=16384, d=2048)
+VOCABS = (32000, 151936)
+ACCURACY_SHAPE = dict(n=2048, d=2048, vocab=151936)
+
 def gpu_variants():
     variants = {
         "eager": lambda h, w, t: token_logprobs_reference(h, w, t),
@@ -168,9 +174,9 @@ def gpu_time_and_memory(fn, hidden, weight, targets, upstream):
 
 def gpu_bench():
     print(f"\nGPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {__import__('triton').__version__}")
-    n, d = 16384, 2048
-    for vocab in (32000, 151936):
-        inputs = make_inputs(n, d, vocab, torch.bfloat16, "cuda")
+    n, d = GPU_SHAPE["n"], GPU_SHAPE["d"]
+    for vocab in VOCABS:
+        inputs = make_inputs(n, d, vocab, torch.bfloat16, GPU)
         flop = 8 * n * d * vocab
         print(f"\nN={n} d={d} V={vocab} bf16 T=1 (floor at 790 TFLOP/s: {flop / 790e12 * 1e3:.1f} ms fwd+bwd)")
         print("| variant | fwd ms | fwd+bwd ms | vs eager | TFLOP/s (8NdV) | extra GB | workspace GB (w/o dH, dW) "
@@ -190,15 +196,15 @@ def gpu_bench():
             torch.cuda.empty_cache()
         del inputs
         torch.cuda.empty_cache()
-    gpu_accuracy()
-    gpu_tile_sweep()
+    gpu_accuracy(**ACCURACY_SHAPE)
+    gpu_tile_sweep(**GPU_SHAPE, vocab=VOCABS[-1])
 
 
-def gpu_accuracy(n=2048, d=2048, vocab=151936):
+def gpu_accuracy(n, d, vocab):
     """bf16 inputs; float64 oracle on the same (rounded) inputs; ours and eager bf16 against it."""
-    hidden, weight, targets, _ = make_inputs(n, d, vocab, torch.bfloat16, "cuda", seed=1)
-    gen = torch.Generator(device="cuda").manual_seed(2)
-    g_logp, g_ent = torch.randn(n, generator=gen, device="cuda"), torch.randn(n, generator=gen, device="cuda")
+    hidden, weight, targets, _ = make_inputs(n, d, vocab, torch.bfloat16, GPU, seed=1)
+    gen = torch.Generator(device=GPU).manual_seed(2)
+    g_logp, g_ent = torch.randn(n, generator=gen, device=GPU), torch.randn(n, generator=gen, device=GPU)
 
     def run(fn, h, w):
         h, w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
@@ -208,11 +214,13 @@ def gpu_accuracy(n=2048, d=2048, vocab=151936):
     oracle = run(lambda h, w: token_logprobs_reference(h, w, targets, entropy=True), hidden.double(), weight.double())
     eager = run(lambda h, w: token_logprobs_reference(h, w, targets, entropy=True), hidden, weight)
     ours = run(lambda h, w: token_logprobs(h, w, targets, entropy=True, backend="triton"), hidden, weight)
-    print(f"\nbf16 accuracy, N={n} d={d} V={vocab}, against float64 (max abs error; CCE criterion elementwise)")
-    print("| output | ours | eager bf16 | elements with ours > eager + 1e-2 | verdict |")
+    print(f"\nbf16 accuracy, N={n} d={d} V={vocab}, against float64: max abs error, and elements where ours is "
+          f"worse than eager bf16 by more than 1e-2 (values, in nats) or 1e-2 x max|gradient| (gradients)")
+    print("| output | ours | eager bf16 | elements over | verdict |")
     print("|---|---|---|---|---|")
     for name, o, e, r in zip(("log p", "entropy", "d hidden", "d weight"), ours, eager, oracle):
-        bad = ((o - r).abs() > (e - r).abs() + 1e-2).sum().item()
+        tol = 1e-2 if name in ("log p", "entropy") else 1e-2 * r.abs().max()
+        bad = ((o - r).abs() > (e - r).abs() + tol).sum().item()
         print(f"| {name} | {(o - r).abs().max():.2e} | {(e - r).abs().max():.2e} | {bad} | "
               f"{'PASS' if bad == 0 else 'FAIL'} |")
     del oracle, eager, ours
@@ -226,9 +234,9 @@ SWEEP = [dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=4),
          dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=128, num_warps=8, num_stages=3)]
 
 
-def gpu_tile_sweep(n=16384, d=2048, vocab=151936):
+def gpu_tile_sweep(n, d, vocab):
     from triton.testing import do_bench
-    hidden, weight, targets, upstream = make_inputs(n, d, vocab, torch.bfloat16, "cuda")
+    hidden, weight, targets, upstream = make_inputs(n, d, vocab, torch.bfloat16, GPU)
     default = dict(logprobs.CUDA_TILES)
     fn = lambda h, w, t: token_logprobs(h, w, t, backend="triton")  # noqa: E731
     print(f"\ntile sweep for ours, N={n} d={d} V={vocab} bf16 (default: {default})")
@@ -258,6 +266,8 @@ if __name__ == "__main__":
         if not args.skip_cpu:
             cpu_bench()
         if torch.cuda.is_available():
+            start = time.perf_counter()
             gpu_bench()
+            print(f"\nGPU tables took {time.perf_counter() - start:.0f} s")
         else:
             print("\nno CUDA device here: the GPU tables are skipped")
