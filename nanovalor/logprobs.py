@@ -75,27 +75,30 @@ def _merge_splits(row_max, sum_exp, sum_exp_z, target_logit):
     return logp, entropy, m, log_s
 
 
-def _backward(hidden, weight, chunk_width, grad_logits_chunk):
-    """dH, dW from the logit gradient, one vocabulary chunk at a time.
+def _backward(hidden, weight, chunk_width, grad_logits_chunk, need_hidden, need_weight):
+    """dH, dW (None where not needed, e.g. a frozen LM head) from the logit gradient, one vocabulary chunk at a time.
 
     grad_logits_chunk(v0, width) returns g (N, width) in the input dtype (as eager autograd would round it).
     dW[chunk] = g^T H is one GEMM over all tokens (fp32 accumulation inside the GEMM, rounded once); dH sums
     over chunks in an fp32 buffer.
     """
-    grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)  # (N, d)
-    grad_weight = torch.empty_like(weight)  # (V, d)
+    grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
+    grad_weight = torch.empty_like(weight) if need_weight else None  # (V, d)
     for v0 in range(0, weight.shape[0], chunk_width):
         width = min(chunk_width, weight.shape[0] - v0)
         g = grad_logits_chunk(v0, width)  # (N, width)
         w_chunk = weight[v0:v0 + width]
-        torch.mm(g.T, hidden, out=grad_weight[v0:v0 + width])
+        if need_weight:
+            torch.mm(g.T, hidden, out=grad_weight[v0:v0 + width])
+        if not need_hidden:
+            continue
         if g.dtype == torch.float32:
             grad_hidden.addmm_(g, w_chunk)
         elif g.is_cuda:  # cuBLAS takes the half operands as they are and returns fp32
             grad_hidden += torch.mm(g, w_chunk, out_dtype=torch.float32)
         else:
             grad_hidden.addmm_(g.float(), w_chunk.float())
-    return grad_hidden.to(hidden.dtype), grad_weight
+    return None if grad_hidden is None else grad_hidden.to(hidden.dtype), grad_weight
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -314,7 +317,8 @@ class _FusedLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_logp, g_ent=None):
         hidden, weight, targets, row_max, log_s, entropy = ctx.saved_tensors
-        if g_logp is None and g_ent is None:
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        if (g_logp is None and g_ent is None) or not (need_hidden or need_weight):
             return None, None, None, None, None, None
         # upstream gradients are often strided (masked views) or expanded (from .sum()): make them plain
         g_logp = None if g_logp is None else g_logp.float().contiguous()
@@ -330,7 +334,7 @@ class _FusedLogprobs(torch.autograd.Function):
             width = _torch_chunk_width(n, vocab)
             chunk = lambda v0, w: _torch_grad_logits(hidden, weight, targets, saved, g_logp, g_ent, ctx.inv_temp,
                                                      v0, w)
-        grad_hidden, grad_weight = _backward(hidden, weight, width, chunk)
+        grad_hidden, grad_weight = _backward(hidden, weight, width, chunk, need_hidden, need_weight)
         return grad_hidden, grad_weight, None, None, None, None
 
 

@@ -193,6 +193,20 @@ def test_large_common_logit_offset(backend, offset, temperature):
     close(got[3], want[3], 1e-5, "d weight")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_lm_head_or_frozen_hidden(backend):
+    """Only what requires grad gets one (the visual stage trains the projector under a frozen LM head)."""
+    hidden, weight, targets = make_inputs(7, 1031, 16, torch.float32, seed=10)
+    g_logp, _ = upstream(7)
+    want = oracle(hidden, weight, targets, 1.0, g_logp, None)
+    for train_hidden in (True, False):
+        h, w = hidden.clone().requires_grad_(train_hidden), weight.clone().requires_grad_(not train_hidden)
+        logp = token_logprobs(h, w, targets, backend=backend)
+        torch.autograd.backward(logp, g_logp)
+        assert (h.grad is None) != train_hidden and (w.grad is None) == train_hidden
+        close(h.grad if train_hidden else w.grad, want[2] if train_hidden else want[3], 1e-5, "gradient")
+
+
 def test_torch_chunked_path_equals_plain_reference():
     hidden, weight, targets = make_inputs(37, 1031, 48, torch.float32, seed=7)
     g_logp, g_ent = upstream(37, seed=8)
