@@ -16,6 +16,7 @@ training reports) and, last, DIR/annotation.json: R2Gen's layout plus "labels" a
 read by nanovalor.data.read_annotation like a real dataset. The same seed gives the same bytes.
 """
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -46,12 +47,8 @@ DEVICES = ("endotracheal tube", "enteric tube", "central venous catheter", "pace
 def sample_findings(rng) -> dict:
     """Findings of one study as {name: parameters}; {} is a normal study. One clinical scenario per study sets the
     co-occurrence priors; incidental atelectasis, nodules and a widened mediastinum can join any abnormal one."""
-    def chance(p):
-        return rng.random() < p
-
-    def pick(options, weights=None):
-        return options[rng.choice(len(options), p=weights)]
-
+    chance = lambda p: rng.random() < p  # noqa: E731
+    pick = lambda options, weights=None: options[rng.choice(len(options), p=weights)]  # noqa: E731
     scenario = pick(("healthy", "cardiac", "infection", "icu", "trauma", "oncology"), (.3, .21, .17, .14, .09, .09))
     f = {}
     if scenario == "cardiac":
@@ -65,8 +62,7 @@ def sample_findings(rng) -> dict:
             f["devices"] = ["pacemaker"]
     elif scenario == "infection":
         lobe = pick(tuple(LOBES), (0.18, 0.15, 0.3, 0.15, 0.22))
-        f["consolidation"] = {"lobe": lobe, "du": rng.uniform(-0.04, 0.04), "dv": rng.uniform(-0.04, 0.04),
-                              "r": rng.uniform(0.9, 1.2), "shape": rng.uniform(0, 2 * math.pi)}
+        f["consolidation"] = _consolidation(rng, lobe)
         if chance(0.3):
             f["effusion"] = _pleural(rng, lobe.split()[0], sizes=(0.7, 0.3, 0.0))
     elif scenario == "icu":
@@ -79,6 +75,8 @@ def sample_findings(rng) -> dict:
             f["edema"] = _graded(rng, pick(GRADES, (0.5, 0.4, 0.1)), (0.07, 0.11, 0.15, 0.2))
         if chance(0.25):
             f["cardiomegaly"] = _graded(rng, pick(GRADES, (0.6, 0.3, 0.1)), (0.54, 0.59, 0.65, 0.72))
+        if chance(0.2):  # ventilator-associated pneumonia, aspiration
+            f["consolidation"] = _consolidation(rng, pick(tuple(LOBES), (0.1, 0.1, 0.4, 0.1, 0.3)))
         if chance(0.08):
             f["pneumothorax"] = _pleural(rng, pick(SIDES), sizes=(0.7, 0.3, 0.0))
     elif scenario == "trauma":
@@ -114,6 +112,11 @@ def _pleural(rng, side, sizes=(0.5, 0.35, 0.15)):
     size = SIZES[rng.choice(3, p=sizes)]
     lo, hi = {"small": (0.0, 0.3), "moderate": (0.4, 0.65), "large": (0.75, 1.0)}[size]
     return {"side": side, "size": size, "amount": rng.uniform(lo, hi)}
+
+
+def _consolidation(rng, lobe):
+    return {"lobe": lobe, "du": rng.uniform(-0.04, 0.04), "dv": rng.uniform(-0.04, 0.04), "r": rng.uniform(0.9, 1.2),
+            "shape": rng.uniform(0, 2 * math.pi)}
 
 
 def _atelectasis(rng):
@@ -303,91 +306,85 @@ def _device(u, v, name, dome_l, px):
 
 PHRASES = """
 cardiomegaly [Cardiomegaly]: {grade} cardiomegaly. | There is {grade} cardiomegaly. | The heart is {adverb} enlarged.
-cardiomegaly [Cardiomegaly]: Heart size is {adverb} enlarged. | The cardiac silhouette is {adverb} enlarged.
-cardiomegaly [Cardiomegaly]: {grade} enlargement of the cardiac silhouette.
+    Heart size is {adverb} enlarged. | The cardiac silhouette is {adverb} enlarged.
+    {grade} enlargement of the cardiac silhouette.
 mediastinum [Enlarged Cardiomediastinum]: The mediastinum is widened. | Widening of the mediastinum.
-mediastinum [Enlarged Cardiomediastinum]: The superior mediastinum is widened. | Widened mediastinal contours.
-mediastinum [Enlarged Cardiomediastinum]: The mediastinal silhouette is widened.
+    The superior mediastinum is widened. | Widened mediastinal contours. | The mediastinal silhouette is widened.
 effusion [Pleural Effusion]: {size} {side} pleural effusion. | There is a {size} {side} pleural effusion.
-effusion [Pleural Effusion]: A {size} {side} pleural effusion is present. | {size} {side}-sided pleural effusion.
-effusion [Pleural Effusion]: {size} {side} effusion with blunting of the costophrenic angle.
-effusion [Pleural Effusion]: There is a {size} layering {side} pleural effusion.
+    A {size} {side} pleural effusion is present. | {size} {side}-sided pleural effusion.
+    {size} {side} effusion with blunting of the costophrenic angle.
+    There is a {size} layering {side} pleural effusion.
 bilateral effusion [Pleural Effusion]: {size} bilateral pleural effusions. | {size} pleural effusions bilaterally.
-bilateral effusion [Pleural Effusion]: There are {size} bilateral pleural effusions.
-bilateral effusion [Pleural Effusion]: Bilateral {size} pleural effusions are present.
-bilateral effusion [Pleural Effusion]: {size} right and left pleural effusions.
+    There are {size} bilateral pleural effusions. | Bilateral {size} pleural effusions are present.
+    {size} right and left pleural effusions.
 pneumothorax [Pneumothorax]: {size} {side} pneumothorax. | There is a {size} {side} pneumothorax.
-pneumothorax [Pneumothorax]: A {size} {side}-sided pneumothorax is present. | {side} pneumothorax, {size} in size.
-pneumothorax [Pneumothorax]: A {size} pneumothorax is seen on the {side}.
+    A {size} {side}-sided pneumothorax is present. | {side} pneumothorax, {size} in size.
+    A {size} pneumothorax is seen on the {side}.
 small pneumothorax [Pneumothorax]: Small {side} apical pneumothorax.
 consolidation [Consolidation]: Focal consolidation in the {lobe}. | There is {lobe} consolidation.
-consolidation [Consolidation]: {lobe} airspace consolidation.
+    {lobe} airspace consolidation.
 consolidation [Lung Opacity]: Airspace opacity in the {lobe}. | There is a patchy opacity in the {lobe}.
 consolidation [Consolidation, Pneumonia?]: {lobe} consolidation, concerning for pneumonia.
 consolidation [Lung Opacity, Pneumonia?]: {lobe} opacity, suspicious for pneumonia.
 consolidation [Consolidation, Pneumonia]: Consolidation in the {lobe} consistent with pneumonia.
 consolidation [Pneumonia]: {lobe} pneumonia.
 edema [Edema]: {grade} pulmonary edema. | There is {grade} pulmonary edema. | {grade} interstitial pulmonary edema.
-edema [Edema]: Findings are consistent with {grade} pulmonary edema.
-edema [Edema]: {grade} pulmonary vascular congestion and interstitial edema.
+    Findings are consistent with {grade} pulmonary edema.
+    {grade} pulmonary vascular congestion and interstitial edema.
 edema [Lung Opacity, Edema]: Bilateral perihilar opacities consistent with {grade} pulmonary edema.
 atelectasis [Atelectasis]: {side} basilar atelectasis. | Linear atelectasis at the {side} lung base.
-atelectasis [Atelectasis]: Subsegmental atelectasis in the {side} lower lobe.
-atelectasis [Atelectasis]: There is mild {side} basilar atelectasis. | Discoid atelectasis at the {side} base.
+    Subsegmental atelectasis in the {side} lower lobe. | There is mild {side} basilar atelectasis.
+    Discoid atelectasis at the {side} base.
 atelectasis [Lung Opacity, Atelectasis]: Streaky {side} basilar opacity consistent with atelectasis.
 bilateral atelectasis [Atelectasis]: Bibasilar atelectasis. | Mild bibasilar atelectasis.
-bilateral atelectasis [Atelectasis]: Linear atelectasis at both lung bases.
-    There is bibasilar subsegmental atelectasis.
+    Linear atelectasis at both lung bases. | There is bibasilar subsegmental atelectasis.
 bilateral atelectasis [Lung Opacity, Atelectasis]: Streaky bibasilar opacities consistent with atelectasis.
 nodule [Lung Lesion]: A {cm} cm nodule in the {lobe}. | There is a {cm} cm pulmonary nodule in the {lobe}.
-nodule [Lung Lesion]: {cm} cm {lobe} nodule. | A well-circumscribed {cm} cm nodule projects over the {lobe}.
-nodule [Lung Lesion]: Rounded {cm} cm nodule in the {lobe}.
+    {cm} cm {lobe} nodule. | A well-circumscribed {cm} cm nodule projects over the {lobe}.
+    Rounded {cm} cm nodule in the {lobe}.
 mass [Lung Lesion]: A {cm} cm mass in the {lobe}. | There is a {cm} cm {lobe} mass. | {lobe} mass measuring {cm} cm.
-mass [Lung Lesion]: Large {cm} cm mass in the {lobe}, concerning for malignancy.
-mass [Lung Lesion]: A lobulated {cm} cm mass is seen in the {lobe}.
+    Large {cm} cm mass in the {lobe}, concerning for malignancy. | A lobulated {cm} cm mass is seen in the {lobe}.
 fracture [Fracture]: {side} {rib} rib fracture. | Acute fracture of the {side} {rib} rib.
-fracture [Fracture]: There is a displaced fracture of the {side} {rib} posterior rib.
-fracture [Fracture]: A fracture of the {side} {rib} rib is noted. | Displaced {side} {rib} rib fracture.
+    There is a displaced fracture of the {side} {rib} posterior rib. | A fracture of the {side} {rib} rib is noted.
+    Displaced {side} {rib} rib fracture.
 endotracheal tube [Support Devices]: Endotracheal tube terminates 4.5 cm above the carina.
-endotracheal tube [Support Devices]: An endotracheal tube is in place with the tip 4.5 cm above the carina.
-endotracheal tube [Support Devices]: ET tube tip is 4.5 cm above the carina. | Endotracheal tube in standard position.
+    An endotracheal tube is in place with the tip 4.5 cm above the carina. | ET tube tip is 4.5 cm above the carina.
+    Endotracheal tube in standard position.
 enteric tube [Support Devices]: Enteric tube courses below the diaphragm with the tip in the stomach.
-enteric tube [Support Devices]: A nasogastric tube extends into the stomach. | Nasogastric tube tip is in the stomach.
-enteric tube [Support Devices]: An orogastric tube is seen coursing into the stomach.
+    A nasogastric tube extends into the stomach. | Nasogastric tube tip is in the stomach.
+    An orogastric tube is seen coursing into the stomach.
 central venous catheter [Support Devices]: Right internal jugular central venous catheter terminates in the SVC.
-central venous catheter [Support Devices]: Right internal jugular catheter tip in the superior vena cava.
-central venous catheter [Support Devices]: A right internal jugular central line ends in the superior vena cava.
-central venous catheter [Support Devices]: Right-sided central venous catheter with its tip in the SVC.
+    Right internal jugular catheter tip in the superior vena cava.
+    A right internal jugular central line ends in the superior vena cava.
+    Right-sided central venous catheter with its tip in the SVC.
 pacemaker [Support Devices]: Left chest wall pacemaker with leads in the right atrium and right ventricle.
-pacemaker [Support Devices]: A left-sided pacemaker is present with leads terminating in the right ventricle.
-pacemaker [Support Devices]: Dual-lead pacemaker overlies the left chest.
-pacemaker [Support Devices]: Cardiac pacemaker in place with intact leads.
+    A left-sided pacemaker is present with leads terminating in the right ventricle.
+    Dual-lead pacemaker overlies the left chest. | Cardiac pacemaker in place with intact leads.
 no cardiomegaly [Cardiomegaly-]: Heart size is normal. | The heart is normal in size. | Normal heart size.
-no cardiomegaly [Cardiomegaly-]: Heart size is within normal limits. | The cardiac silhouette is normal in size.
+    Heart size is within normal limits. | The cardiac silhouette is normal in size.
 no mediastinum [Enlarged Cardiomediastinum-]: The mediastinal contours are normal. | The mediastinum is unremarkable.
-no mediastinum [Enlarged Cardiomediastinum-]: Mediastinal contours are within normal limits.
+    Mediastinal contours are within normal limits.
 no mediastinum []: The hila are unremarkable.
 no cardiomegaly mediastinum [Enlarged Cardiomediastinum-]: The cardiomediastinal silhouette is within normal limits.
-no cardiomegaly mediastinum [Enlarged Cardiomediastinum-]: Normal cardiomediastinal silhouette.
+    Normal cardiomediastinal silhouette.
 no cardiomegaly mediastinum [Cardiomegaly-, Enlarged Cardiomediastinum-]: Normal heart size and mediastinal contours.
     Heart size and mediastinal contours are normal.
 no consolidation edema atelectasis nodule pneumothorax []: The lungs are clear. | Lungs are clear bilaterally.
-no consolidation edema atelectasis nodule pneumothorax []: The lungs are well expanded and clear.
+    The lungs are well expanded and clear.
 no consolidation edema atelectasis nodule pneumothorax [Lung Opacity-]: No focal airspace disease.
 no consolidation [Consolidation-]: No focal consolidation. | There is no focal consolidation.
-no consolidation [Consolidation-]: No focal airspace consolidation.
+    No focal airspace consolidation.
 no edema [Edema-]: No pulmonary edema. | There is no pulmonary edema. | No evidence of pulmonary edema.
 no effusion [Pleural Effusion-]: No pleural effusion. | There is no pleural effusion. | No pleural effusions.
 no pneumothorax [Pneumothorax-]: No pneumothorax. | There is no pneumothorax. | No evidence of pneumothorax.
 no effusion pneumothorax [Pleural Effusion-, Pneumothorax-]: No pleural effusion or pneumothorax.
-no effusion pneumothorax [Pleural Effusion-, Pneumothorax-]: No pneumothorax or pleural effusion.
-no effusion pneumothorax [Pleural Effusion-, Pneumothorax-]: There is no pleural effusion or pneumothorax.
-no effusion pneumothorax [Pleural Effusion-, Pneumothorax-]: There is no effusion or pneumothorax.
+    No pneumothorax or pleural effusion. | There is no pleural effusion or pneumothorax.
+    There is no effusion or pneumothorax.
 no consolidation effusion pneumothorax [Consolidation-, Pleural Effusion-, Pneumothorax-]:
     No focal consolidation, pleural effusion, or pneumothorax.
     No focal consolidation, effusion, or pneumothorax is seen.
 no fracture []: No acute osseous abnormality. | The osseous structures are intact.
-no fracture []: Visualized osseous structures are unremarkable.
+    Visualized osseous structures are unremarkable.
 no fracture [Fracture-]: No displaced rib fracture. | No fracture is identified.
 """
 TOPIC = {"cardiomegaly": "heart", "mediastinum": "heart", "consolidation": "lungs", "edema": "lungs",
@@ -496,13 +493,18 @@ def generate(out, n_train=4000, n_val=200, n_test=500, seed=0, size=SIZE, vocab_
     """Write the phantom dataset to `out` (layout in the module docstring); returns the annotation dict."""
     out, start, done = Path(out), time.perf_counter(), 0
     total, annotation = n_train + n_val + n_test, {}
+    (out / "annotation.json").unlink(missing_ok=True)  # incomplete until it is written again, at the end
+    try:  # glibc hands freed memory back to the OS at once, and every image's arrays fault it in again: keep
+        ctypes.CDLL("libc.so.6").mallopt(-1, 256 << 20)  # 256 MB (-1 = M_TRIM_THRESHOLD). Renders 2x faster.
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
         entries = annotation[split] = []
         for index in range(n):
             study = make_study(seed, split, index, size)
             path = f"{split}/{study['id']}.png"
-            _atomic_write(out / "images" / path, lambda file, s=study: Image.fromarray(s["image"]).save(file, "PNG"))
+            Image.fromarray(study["image"]).save(out / "images" / path)  # annotation.json, last, marks them whole
             labels = {k: v for k, v in zip(CHEXPERT_LABELS, study["labels"]) if v is not None}
             entries.append({"id": study["id"], "report": study["report"], "image_path": [path], "labels": labels,
                             "findings": study["captions"]})
@@ -515,8 +517,7 @@ def generate(out, n_train=4000, n_val=200, n_test=500, seed=0, size=SIZE, vocab_
         print(file=sys.stderr)
     if n_train:
         train_tokenizer([e["report"] for e in annotation["train"]], out / "tokenizer.json", vocab_size)
-    text = json.dumps(annotation, indent=1)
-    _atomic_write(out / "annotation.json", lambda file: file.write(text.encode()))  # last: marks completion
+    _atomic_write(out / "annotation.json", lambda file: file.write(json.dumps(annotation, indent=1).encode()))
     return annotation
 
 
