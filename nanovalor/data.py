@@ -386,12 +386,16 @@ class Batches:
         self.epoch, self.index = self.epoch + 1, 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "n": len(self.studies)}
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "n": len(self.studies),
+                "global_batch": self.world_size * self.batch_size}
 
     def load_state_dict(self, state):
-        if state["seed"] != self.seed or state["n"] != len(self.studies):
-            raise ValueError(f"data position was saved for seed={state['seed']} and {state['n']} studies; this run "
-                             f"has seed={self.seed} and {len(self.studies)} studies")
+        """Resume at a saved position; also valid on another number of ranks with the same global batch size."""
+        mine = self.state_dict()
+        if any(state[k] != mine[k] for k in ("seed", "n", "global_batch")):
+            raise ValueError(f"data position was saved for seed={state['seed']}, {state['n']} studies, global batch "
+                             f"{state['global_batch']}; this run has seed={self.seed}, {mine['n']} studies, global "
+                             f"batch {mine['global_batch']}")
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
 

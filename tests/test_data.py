@@ -291,6 +291,13 @@ def test_shuffle_is_deterministic_per_epoch_and_resumes_exactly():
     assert _ids(c) + _ids(c) == rest
     with pytest.raises(ValueError, match="seed=7"):
         data.Batches(studies, batch_size=4, seed=8).load_state_dict(state)
+    with pytest.raises(ValueError, match="global batch 4"):
+        data.Batches(studies, batch_size=2, seed=7).load_state_dict(state)
+    # Two ranks with half the batch each resume at the same global batch: together they see the same studies.
+    halves = [data.Batches(studies, batch_size=2, seed=7, rank=r, world_size=2) for r in range(2)]
+    for half in halves:
+        half.load_state_dict(state)
+    assert [sorted(a + b) for a, b in zip(_ids(halves[0]), _ids(halves[1]))] == [sorted(x) for x in rest[:2]]
 
 
 def test_shards_are_disjoint_and_cover_the_split():
