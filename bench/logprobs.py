@@ -173,7 +173,8 @@ def gpu_time_and_memory(fn, hidden, weight, targets, upstream):
 
 
 def gpu_bench():
-    print(f"\nGPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {__import__('triton').__version__}")
+    import triton
+    print(f"\nGPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     n, d = GPU_SHAPE["n"], GPU_SHAPE["d"]
     for vocab in VOCABS:
         inputs = make_inputs(n, d, vocab, torch.bfloat16, GPU)

@@ -19,6 +19,13 @@ Math, with z = H W^T / T (N, V) and p = softmax(z):
     d log p_y / dz = onehot(y) - p,  d entropy / dz = -p * (z - E_p[z]) = -p * (log p + entropy)
 and dH = (1/T) g_z W, dW = (1/T) g_z^T H. Fused fwd + bwd costs 8 N d V FLOP (the backward recomputes the logits).
 
+Layout. Forward: one program per (vocabulary split, block of tokens) walks the split's tiles, z = H_blk W_tile^T
+by tl.dot with fp32 accumulation, and keeps an online max / sum-exp; the (splits, N) partials are merged in torch
+in a fixed order (deterministic, no atomics). Saved per token: the max m and log s (LSE = m + log s, kept apart
+so that z - LSE stays exact under a large common logit offset) and the entropy. Backward: per vocabulary chunk, a
+second kernel recomputes the tiles and writes g_z (N, chunk) in the input dtype; two cuBLAS GEMMs then give
+dW[chunk] = g_z^T H and dH += g_z W[chunk] into an fp32 buffer (deterministic as well).
+
 Tests: python -m pytest -q tests/test_logprobs.py     Benchmark: python bench/logprobs.py
 """
 import math
@@ -354,8 +361,8 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, entropy=False, back
         raise ValueError(f"token_logprobs: expected integer targets of shape ({hidden.shape[0]},), got "
                          f"{targets.dtype} {tuple(targets.shape)}")
     if hidden.dtype != weight.dtype or hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"token_logprobs: hidden and weight must share one dtype of fp32, bf16, fp16, got {hidden.dtype} and "
-                         f"{weight.dtype}")
+        raise ValueError(f"token_logprobs: hidden and weight must share one dtype of fp32, bf16, fp16, got "
+                         f"{hidden.dtype} and {weight.dtype}")
     if not (hidden.device == weight.device == targets.device):
         raise ValueError(f"token_logprobs: hidden, weight and targets must be on one device, got {hidden.device}, "
                          f"{weight.device} and {targets.device}")
