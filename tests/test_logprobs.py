@@ -2,10 +2,11 @@
 
     python -m pytest -q tests/test_logprobs.py
 
-The Triton kernel runs on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py sets it before triton is
-imported), with its tiny interpreter tiles: V = 1031 is not a multiple of the 256-wide vocabulary tile, d = 48 is
-not a multiple of the 32-wide K step, and N = 37 is not a multiple of the 16-row block. The torch path's chunk is
-shrunk so that it, too, walks several vocabulary chunks (one of them partial).
+Without a GPU the Triton kernel runs on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py sets it before
+triton is imported), with its tiny interpreter tiles: V = 1031 is not a multiple of the 256-wide vocabulary tile,
+d = 48 is not a multiple of the 32-wide K step, and N = 37 is not a multiple of the 16-row block. With a GPU the
+same tests run the compiled kernel on CUDA tensors. The torch path's chunk is shrunk so that it, too, walks several
+vocabulary chunks (one of them partial).
 """
 import math
 
@@ -16,6 +17,11 @@ from nanovalor import logprobs
 from nanovalor.logprobs import token_logprobs, token_logprobs_reference
 
 BACKENDS = ["torch", "triton"]
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: the interpreter
+
+
+def device_of(backend):
+    return TRITON_DEVICE if backend == "triton" else "cpu"
 # one rounding of a value of this dtype, as a relative error (fp32: what the issue asks for)
 RTOL = {torch.float32: 1e-5, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 
@@ -45,12 +51,18 @@ def run(fn, hidden, weight, targets, temperature, g_logp, g_ent, **kw):
 
     The upstream gradients go in as given (strided views here), as autograd hands over a masked view's gradient.
     """
-    hidden = hidden.detach().clone().requires_grad_()
-    weight = weight.detach().clone().requires_grad_()
-    logp, ent = fn(hidden, weight, targets, temperature, entropy=True, **kw)
-    used = [(out, g.to(out.dtype)) for out, g in ((logp, g_logp), (ent, g_ent)) if g is not None]
+    device = device_of(kw.get("backend"))
+    hidden = hidden.detach().to(device, copy=True).requires_grad_()
+    weight = weight.detach().to(device, copy=True).requires_grad_()
+    logp, ent = fn(hidden, weight, targets.to(device), temperature, entropy=True, **kw)
+    used = [(out, strided_on(g.to(out.dtype), device)) for out, g in ((logp, g_logp), (ent, g_ent)) if g is not None]
     torch.autograd.backward([out for out, _ in used], [g for _, g in used])
-    return logp.detach(), ent.detach(), hidden.grad, weight.grad
+    return logp.detach().cpu(), ent.detach().cpu(), hidden.grad.cpu(), weight.grad.cpu()
+
+
+def strided_on(g, device):
+    """g on device, still a strided view (a plain .to() would hand over a contiguous copy)."""
+    return g if device == "cpu" else torch.stack([g, g], 1).to(device)[:, 0]
 
 
 def oracle(hidden, weight, targets, temperature, g_logp, g_ent):
@@ -86,9 +98,10 @@ def upstream(n, seed=1):
 def test_hand_computed(backend, temperature):
     # logits z = (0, ln 2, ln 5) for one token, target 2. At T = 1: p = (1, 2, 5)/8; at T = 0.5 (z doubled):
     # p = (1, 4, 25)/30.
-    hidden = torch.tensor([[1.0, 0.0]], requires_grad=True)
-    weight = torch.tensor([[0.0, 3.0], [math.log(2), -1.0], [math.log(5), 2.0]], requires_grad=True)
-    targets = torch.tensor([2])
+    device = device_of(backend)
+    hidden = torch.tensor([[1.0, 0.0]], device=device, requires_grad=True)
+    weight = torch.tensor([[0.0, 3.0], [math.log(2), -1.0], [math.log(5), 2.0]], device=device, requires_grad=True)
+    targets = torch.tensor([2], device=device)
     weights = [1, 2, 5] if temperature == 1.0 else [1, 4, 25]
     total = sum(weights)
     p = [w / total for w in weights]
@@ -104,8 +117,8 @@ def test_hand_computed(backend, temperature):
     g = [-p[0], -p[1], 1 - p[2]]
     expected_dh = [sum(g[j] * weight[j, k].item() for j in range(3)) / temperature for k in range(2)]
     expected_dw = [[g[j] / temperature, 0.0] for j in range(3)]
-    torch.testing.assert_close(hidden.grad, torch.tensor([expected_dh]), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(weight.grad, torch.tensor(expected_dw), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(hidden.grad.cpu(), torch.tensor([expected_dh]), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(weight.grad.cpu(), torch.tensor(expected_dw), rtol=1e-6, atol=1e-6)
 
 
 def test_reference_matches_torch_cross_entropy_and_categorical():
@@ -204,12 +217,14 @@ def test_frozen_lm_head_or_frozen_hidden(backend):
     hidden, weight, targets = make_inputs(7, 1031, 16, torch.float32, seed=10)
     g_logp, _ = upstream(7)
     want = oracle(hidden, weight, targets, 1.0, g_logp, None)
+    device = device_of(backend)
     for train_hidden in (True, False):
-        h, w = hidden.clone().requires_grad_(train_hidden), weight.clone().requires_grad_(not train_hidden)
-        logp = token_logprobs(h, w, targets, backend=backend)
-        torch.autograd.backward(logp, g_logp)
+        h = hidden.to(device, copy=True).requires_grad_(train_hidden)
+        w = weight.to(device, copy=True).requires_grad_(not train_hidden)
+        logp = token_logprobs(h, w, targets.to(device), backend=backend)
+        torch.autograd.backward(logp, g_logp.to(device))
         assert (h.grad is None) != train_hidden and (w.grad is None) == train_hidden
-        close(h.grad if train_hidden else w.grad, want[2] if train_hidden else want[3], 1e-5, "gradient")
+        close((h.grad if train_hidden else w.grad).cpu(), want[2] if train_hidden else want[3], 1e-5, "gradient")
 
 
 def test_torch_chunked_path_equals_plain_reference():
@@ -222,12 +237,12 @@ def test_torch_chunked_path_equals_plain_reference():
 
 
 def test_triton_split_merge_is_deterministic_and_split_independent(monkeypatch):
-    hidden, weight, targets = make_inputs(37, 1031, 48, torch.float32, seed=9)
+    hidden, weight, targets = (x.to(TRITON_DEVICE) for x in make_inputs(37, 1031, 48, torch.float32, seed=9))
     first = token_logprobs(hidden, weight, targets, 0.7, entropy=True, backend="triton")
     again = token_logprobs(hidden, weight, targets, 0.7, entropy=True, backend="triton")
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     # one split per row block (the whole vocabulary in one program's loop) against the default several splits
-    monkeypatch.setitem(logprobs.INTERPRETER_TILES, "PROGRAMS", 1)
+    monkeypatch.setitem(logprobs._tiles(hidden.device), "PROGRAMS", 1)
     single = token_logprobs(hidden, weight, targets, 0.7, entropy=True, backend="triton")
     for a, b in zip(first, single):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
