@@ -1,6 +1,18 @@
-"""The frozen expert: a CLIP-style image-text dual encoder that scores how well a report matches an X-ray.
+"""The frozen expert: a CLIP-style image-text dual encoder that scores how well each sampled report matches the
+X-ray (VALOR's stage `visual`). Ours from scratch; it loads the checkpoints people use for chest X-rays:
 
-(Being built; see issue 4. This first part is the BERT encoder, shared with CheXbert in rewards.py.)
+  - BiomedCLIP (Zhang et al. 2023, arXiv 2303.00915; `microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224`),
+    open_clip's layout: a timm ViT-B/16 and PubMedBERT, [CLS] pooling, MLP text projection, 256-token context;
+  - HF `CLIPModel` (OpenAI CLIP, Radford et al. 2021; CheXzero once converted): the causal CLIP text transformer;
+  - our own layout (save / load): config.json + model.safetensors + tokenizer.json.
+
+    expert = load("microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224")   # or a local folder
+    scores = expert.similarity(images, reports)   # B X-rays, B lists of G reports -> (B, G) cosine similarities
+
+The image tower is the project's one ViT (vit.py). The BERT encoder (Devlin et al. 2019) here is also CheXbert's
+backbone (chexpert.py). Reports longer than the text context are truncated to it (77 tokens for CLIP, 256 for
+BiomedCLIP, special tokens included), as open_clip and CheXzero do: findings come first in a report.
+Tests: `python -m pytest -q tests/test_expert.py`; speed: `python bench/expert.py`.
 """
 import json
 import math
@@ -16,7 +28,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
-from nanovalor.policy import VisionBlock, VisionConfig, VisionTower, vision_config_from_hf
+from nanovalor.data import ImageProcessing, load_image, preprocess, read_preprocessor_config
+from nanovalor.vit import VisionBlock, VisionConfig, VisionTower, vision_config_from_hf
 
 # -----------------------------------------------------------------------------
 # BERT encoder (Devlin et al. 2019): post-LayerNorm blocks, learned absolute positions, exact GELU.
@@ -177,8 +190,8 @@ def tokenize(tokenizer, texts):
 
 # -----------------------------------------------------------------------------
 # CLIP text transformer (Radford et al. 2021, as in HF CLIPTextModel): pre-LN blocks under a causal mask, pooled
-# at the end-of-text token. Its blocks are policy.py's ViT blocks (the same names as HF's CLIPEncoderLayer); only
-# the attention mask differs, so the block is run by _masked_block below.
+# at the end-of-text token. Its blocks are vit.py's ViT blocks (the same names as HF's CLIPEncoderLayer); only the
+# attention mask differs, so the block is run by _masked_block below.
 
 
 @dataclass
@@ -202,12 +215,13 @@ def clip_text_config_from_hf(d):
     return ClipTextConfig(
         vocab_size=d.get("vocab_size", 49408), hidden_size=d.get("hidden_size", 512),
         num_layers=d.get("num_hidden_layers", 12), num_heads=d.get("num_attention_heads", 8),
-        intermediate_size=d.get("intermediate_size", 2048), max_position_embeddings=d.get("max_position_embeddings", 77),
+        intermediate_size=d.get("intermediate_size", 2048),
+        max_position_embeddings=d.get("max_position_embeddings", 77),
         layer_norm_eps=d.get("layer_norm_eps", 1e-5), act=act, eos_token_id=d.get("eos_token_id", 49407))
 
 
 def _masked_block(block, x, keep):
-    """policy.VisionBlock's computation with an attention mask. x (B, T, D); keep (B or 1, 1, T, T) bool."""
+    """vit.VisionBlock's computation with an attention mask. x (B, T, D); keep (B or 1, 1, T, T) bool."""
     B, T, D = x.shape
     attn = block.self_attn
     h = block.layer_norm1(x)
@@ -275,7 +289,8 @@ class Expert(nn.Module):
         if cfg.context_length > cfg.text.max_position_embeddings:
             raise ValueError(f"ExpertConfig.context_length {cfg.context_length} > the text tower's "
                              f"max_position_embeddings {cfg.text.max_position_embeddings}")
-        self.cfg, self.tokenizer, self.processing = cfg, tokenizer, processing
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.processing = processing or ImageProcessing(size=cfg.vision.image_size)  # OpenAI CLIP's by default
         self.visual = VisionTower(cfg.vision)
         self.visual_projection = nn.Linear(cfg.vision.hidden_size, cfg.embed_dim, bias=False)
         self.text = Bert(cfg.text) if isinstance(cfg.text, BertConfig) else ClipText(cfg.text)
@@ -310,19 +325,20 @@ class Expert(nn.Module):
             raise ValueError(f"similarity(): expected B images and B lists of G reports, got {len(images)} images "
                              f"and groups of sizes {sorted({len(group) for group in reports})}")
         B, G = len(reports), len(reports[0]) if len(reports) else 0
-        was_training = self.training
+        if B * G == 0:
+            return torch.zeros(B, G)
+        was_training, device = self.training, self.logit_scale.device
         self.eval()
         try:
-            pixels = self._pixels(images)  # (B, C, S, S)
-            device = self.logit_scale.device
-            image_emb = torch.cat([self.encode_images(pixels[i:i + max_images].to(device))
-                                   for i in range(0, B, max_images)]) if B else None  # (B, E)
+            if not torch.is_tensor(images):
+                images = preprocess([load_image(x) if isinstance(x, (str, os.PathLike)) else x for x in images],
+                                    self.processing)  # (B, C, S, S)
+            image_emb = torch.cat([self.encode_images(images[i:i + max_images].to(device))
+                                   for i in range(0, B, max_images)])  # (B, E)
             ids, mask = self.tokenize([r for group in reports for r in group])  # (B*G, T), padded to the longest
             text_emb = self._encode_sorted(ids.to(device), mask.to(device), max_text_tokens)  # (B*G, E)
         finally:
             self.train(was_training)
-        if not B * G:
-            return torch.zeros(B, G)
         return torch.einsum("be,bge->bg", image_emb.float(), text_emb.float().view(B, G, -1))
 
     def _encode_sorted(self, ids, mask, max_tokens):
@@ -338,20 +354,12 @@ class Expert(nn.Module):
             start += len(rows)
         return out
 
-    def _pixels(self, images):
-        if torch.is_tensor(images):
-            return images
-        from nanovalor import data  # TODO(integration): top-level import once data.py is committed
-        return data.preprocess([data.load_image(x) if isinstance(x, (str, os.PathLike)) else x for x in images],
-                               self.processing)
-
 
 # -----------------------------------------------------------------------------
-# Checkpoints: our layout (config.json + model.safetensors + tokenizer.json), HF CLIPModel, open_clip (BiomedCLIP).
+# Checkpoints. Each reader returns (ExpertConfig, state dict in our names, tokenizer, ImageProcessing, source file).
 
 FORMAT = "nanovalor-expert"
-# Buffers some checkpoints carry and we recompute (HF's position_ids / token_type_ids in older transformers).
-IGNORED = re.compile(r".*embeddings\.(position_ids|token_type_ids)$")
+IGNORED = re.compile(r".*embeddings\.(position_ids|token_type_ids)$")  # buffers older HF checkpoints carry
 
 
 def _read_weights(path):
@@ -364,124 +372,11 @@ def _read_weights(path):
     return sd.get("state_dict", sd) if isinstance(sd, dict) else sd
 
 
-def _from_hf_clip(sd):
-    """HF CLIPModel names -> ours: vision_model.* -> visual.*, text_model.* -> text.*, the rest as is."""
-    return {re.sub(r"^vision_model\.", "visual.", re.sub(r"^text_model\.", "text.", k)): v for k, v in sd.items()}
-
-
-OPEN_CLIP_NAMES = [  # (regex on an open_clip key, our name); timm's fused attn.qkv is split in _from_open_clip
-    (r"visual\.trunk\.cls_token", "visual.embeddings.class_embedding"),
-    (r"visual\.trunk\.pos_embed", "visual.embeddings.position_embedding.weight"),
-    (r"visual\.trunk\.patch_embed\.proj\.", "visual.embeddings.patch_embedding."),
-    (r"visual\.trunk\.blocks\.(\d+)\.norm1\.", r"visual.encoder.layers.\1.layer_norm1."),
-    (r"visual\.trunk\.blocks\.(\d+)\.attn\.proj\.", r"visual.encoder.layers.\1.self_attn.out_proj."),
-    (r"visual\.trunk\.blocks\.(\d+)\.norm2\.", r"visual.encoder.layers.\1.layer_norm2."),
-    (r"visual\.trunk\.blocks\.(\d+)\.mlp\.", r"visual.encoder.layers.\1.mlp."),
-    (r"visual\.trunk\.norm\.", "visual.post_layernorm."),  # timm norms every token; we take the class token first
-    (r"visual\.head\.proj\.", "visual_projection."),
-    (r"text\.transformer\.", "text."),  # an HF BertModel
-    (r"text\.proj\.", "text_projection."),  # Linear, or Sequential(Linear, GELU, Linear): .0 / .2
-]
-
-
-def _from_open_clip(sd):
-    """open_clip's timm + HF-text names (BiomedCLIP) -> ours."""
-    out = {}
-    for k, v in sd.items():
-        if m := re.fullmatch(r"visual\.trunk\.blocks\.(\d+)\.attn\.qkv\.(weight|bias)", k):
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3)):  # (3D, ...) -> 3 x (D, ...)
-                out[f"visual.encoder.layers.{m[1]}.self_attn.{name}.{m[2]}"] = part
-            continue
-        for pattern, ours in OPEN_CLIP_NAMES:
-            if re.match(pattern, k):
-                k = re.sub("^" + pattern, ours, k)
-                break
-        out[k] = v
-    # timm keeps the class token as (1, 1, D) and the positions as (1, 1+P, D); ours are (D,) and (1+P, D)
-    for k in ("visual.embeddings.class_embedding", "visual.embeddings.position_embedding.weight"):
-        if k in out and out[k].dim() == 3:
-            out[k] = out[k][0, 0] if k.endswith("class_embedding") else out[k][0]
-    return out
-
-
-def _load_checked(expert, sd, where):
-    """Load a state dict with our names into `expert`; every mismatch is listed in one error."""
-    sd = {k: v for k, v in sd.items() if not IGNORED.match(k)}
-    want = expert.state_dict()
-    missing = sorted(set(want) - set(sd))
-    unexpected = sorted(set(sd) - set(want))
-    misshaped = [f"{k}: {tuple(sd[k].shape)}, expected {tuple(want[k].shape)}" for k in sorted(set(sd) & set(want))
-                 if sd[k].shape != want[k].shape]
-    if missing or unexpected or misshaped:
-        raise ValueError(f"{where}: checkpoint does not fit the expert: missing {missing}; unexpected {unexpected};"
-                         f" mis-shaped {misshaped}")
-    expert.load_state_dict({k: v.float() for k, v in sd.items()}, assign=True)
-
-
-def _count_layers(sd, prefix):
-    return len({m[1] for k in sd if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))})
-
-
-def _read_open_clip(folder):
-    """BiomedCLIP-style open_clip checkpoint: a timm ViT (token pooling, linear head) + an HF BERT (CLS pooling,
-    linear or MLP projection). open_clip_config.json does not carry the tower shapes (open_clip fetches them from
-    the hub), so they are read off the tensors; heads = width / 64 as in every timm ViT and BERT size."""
-    where = folder / "open_clip_config.json"
-    d = json.loads(where.read_text())
-    model, vision, text = d.get("model_cfg", {}), d.get("model_cfg", {}).get("vision_cfg", {}), \
-        d.get("model_cfg", {}).get("text_cfg", {})
-    for key, value, allowed in (("vision_cfg.timm_model_name", vision.get("timm_model_name", ""), None),
-                                ("vision_cfg.timm_pool", vision.get("timm_pool", ""), ("", "token")),
-                                ("vision_cfg.timm_proj", vision.get("timm_proj", "linear"), ("linear",)),
-                                ("text_cfg.hf_pooler_type", text.get("hf_pooler_type"), ("cls_last_hidden_state_pooler",)),
-                                ("text_cfg.hf_proj_type", text.get("hf_proj_type"), ("linear", "mlp"))):
-        if (allowed is None and not str(value).startswith("vit_")) or (allowed is not None and value not in allowed):
-            raise ValueError(f"{where}: model_cfg.{key} = {value!r}: expected {allowed or 'a timm vit_* model'}")
-    files = [folder / n for n in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin") if (folder / n).exists()]
+def _first(folder, names):
+    files = [folder / n for n in names if (folder / n).exists()]
     if not files:
-        raise FileNotFoundError(f"{folder}: no open_clip_model.safetensors or open_clip_pytorch_model.bin")
-    sd = _from_open_clip(_read_weights(files[0]))
-    try:
-        patch = sd["visual.embeddings.patch_embedding.weight"]  # (D, C, p, p)
-        width, fc1 = patch.shape[0], sd["visual.encoder.layers.0.mlp.fc1.weight"]
-        words, types = sd["text.embeddings.word_embeddings.weight"], sd["text.embeddings.token_type_embeddings.weight"]
-        positions, inter = sd["text.embeddings.position_embeddings.weight"], sd["text.encoder.layer.0.intermediate.dense.weight"]
-        n_patches = sd["visual.embeddings.position_embedding.weight"].shape[0] - 1
-    except KeyError as e:
-        raise ValueError(f"{files[0]}: not a timm-ViT + BERT open_clip checkpoint, {e} missing") from None
-    cfg = ExpertConfig(
-        vision=VisionConfig(image_size=vision.get("image_size", patch.shape[-1] * math.isqrt(n_patches)),
-                            patch_size=patch.shape[-1], hidden_size=width, intermediate_size=fc1.shape[0],
-                            num_layers=_count_layers(sd, "visual.encoder.layers."), num_heads=width // 64,
-                            layer_norm_eps=1e-6, act="gelu", class_token=True, pre_norm=False, patch_bias=True,
-                            num_channels=patch.shape[1]),
-        text=BertConfig(vocab_size=words.shape[0], hidden_size=words.shape[1],
-                        num_layers=_count_layers(sd, "text.encoder.layer."), num_heads=words.shape[1] // 64,
-                        intermediate_size=inter.shape[0], max_position_embeddings=positions.shape[0],
-                        type_vocab_size=types.shape[0]),
-        embed_dim=model.get("embed_dim", 512), text_projection=text["hf_proj_type"],
-        context_length=text.get("context_length", 77))
-    return cfg, sd, load_bert_tokenizer(folder, cfg.context_length), files[0]
-
-
-def _read_hf_clip(folder):
-    """HF CLIPModel: config.json (model_type 'clip') + model.safetensors (or pytorch_model.bin) + tokenizer.json."""
-    d = json.loads((folder / "config.json").read_text())
-    vision = vision_config_from_hf({"model_type": "clip_vision_model", **d.get("vision_config", {})})
-    text = clip_text_config_from_hf(d.get("text_config", {}))
-    cfg = ExpertConfig(vision=vision, text=text, embed_dim=d.get("projection_dim", 512), text_projection="linear",
-                       context_length=text.max_position_embeddings)
-    files = [folder / n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).exists()]
-    if not files:
-        raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin for the CLIPModel")
-    return cfg, _from_hf_clip(_read_weights(files[0])), load_clip_tokenizer(folder, cfg.context_length), files[0]
-
-
-def _dataclass_from(cls, d, where):
-    unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-    if unknown:
-        raise ValueError(f"{where}: unknown {cls.__name__} field(s) {unknown}")
-    return cls(**d)
+        raise FileNotFoundError(f"{folder}: none of {list(names)}")
+    return files[0]
 
 
 def _read_ours(folder):
@@ -490,45 +385,158 @@ def _read_ours(folder):
     text_cls = {"bert": BertConfig, "clip": ClipTextConfig}.get(d.get("text_kind"))
     if text_cls is None:
         raise ValueError(f"{where}: text_kind {d.get('text_kind')!r}: expected 'bert' or 'clip'")
-    cfg = ExpertConfig(vision=_dataclass_from(VisionConfig, d["vision"], f"{where} vision"),
-                       text=_dataclass_from(text_cls, d["text"], f"{where} text"), embed_dim=d["embed_dim"],
-                       text_projection=d["text_projection"], context_length=d["context_length"])
-    load_tok = load_bert_tokenizer if text_cls is BertConfig else load_clip_tokenizer
-    return cfg, load_file(str(folder / "model.safetensors")), load_tok(folder, cfg.context_length), folder / "model.safetensors"
+    try:
+        cfg = ExpertConfig(vision=VisionConfig(**d["vision"]), text=text_cls(**d["text"]), embed_dim=d["embed_dim"],
+                           text_projection=d["text_projection"], context_length=d["context_length"])
+        proc = ImageProcessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["processing"].items()})
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{where}: not a {FORMAT} config ({e})") from None
+    load_tokenizer = load_bert_tokenizer if text_cls is BertConfig else load_clip_tokenizer
+    source = folder / "model.safetensors"
+    return cfg, load_file(str(source)), load_tokenizer(folder, cfg.context_length), proc, source
 
 
-def _resolve(path_or_repo_id):
-    path = Path(path_or_repo_id)
-    if path.exists():
-        return path
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_repo_id)):
-        raise FileNotFoundError(f"{path_or_repo_id}: no such folder, and not a hub id 'owner/name'")
-    from huggingface_hub import snapshot_download  # honours HF_HUB_OFFLINE (then only the local cache is used)
-    return Path(snapshot_download(str(path_or_repo_id), allow_patterns=[
-        "*.json", "vocab.txt", "*.safetensors", "open_clip_pytorch_model.bin"]))
+def _read_hf_clip(folder):
+    """HF CLIPModel (OpenAI CLIP, CheXzero converted): config.json, model.safetensors, tokenizer.json,
+    preprocessor_config.json. Names: vision_model.* -> visual.*, text_model.* -> text.*, the rest as they are."""
+    d = json.loads((folder / "config.json").read_text())
+    vision = vision_config_from_hf({"model_type": "clip_vision_model", **d.get("vision_config", {})})
+    text = clip_text_config_from_hf(d.get("text_config", {}))
+    cfg = ExpertConfig(vision=vision, text=text, embed_dim=d.get("projection_dim", 512), text_projection="linear",
+                       context_length=text.max_position_embeddings)
+    source = _first(folder, ("model.safetensors", "pytorch_model.bin"))
+    sd = {re.sub(r"^vision_model\.", "visual.", re.sub(r"^text_model\.", "text.", k)): v
+          for k, v in _read_weights(source).items()}
+    proc = read_preprocessor_config(folder) if (folder / "preprocessor_config.json").exists() else None
+    return cfg, sd, load_clip_tokenizer(folder, cfg.context_length), proc, source
+
+
+OPEN_CLIP_NAMES = [  # (open_clip key prefix as a regex, ours); timm's fused attn.qkv is split in _from_open_clip
+    (r"visual\.trunk\.cls_token", "visual.embeddings.class_embedding"),  # (1, 1, D) -> (D,)
+    (r"visual\.trunk\.pos_embed", "visual.embeddings.position_embedding.weight"),  # (1, 1+P, D) -> (1+P, D)
+    (r"visual\.trunk\.patch_embed\.proj\.", "visual.embeddings.patch_embedding."),
+    (r"visual\.trunk\.blocks\.(\d+)\.norm1\.", r"visual.encoder.layers.\1.layer_norm1."),
+    (r"visual\.trunk\.blocks\.(\d+)\.attn\.proj\.", r"visual.encoder.layers.\1.self_attn.out_proj."),
+    (r"visual\.trunk\.blocks\.(\d+)\.norm2\.", r"visual.encoder.layers.\1.layer_norm2."),
+    (r"visual\.trunk\.blocks\.(\d+)\.mlp\.", r"visual.encoder.layers.\1.mlp."),
+    (r"visual\.trunk\.norm\.", "visual.post_layernorm."),  # timm norms every token, we only the class token
+    (r"visual\.head\.proj\.", "visual_projection."),
+    (r"text\.transformer\.", "text."),  # an HF BertModel
+    (r"text\.proj\.", "text_projection."),  # Linear, or Sequential(Linear, GELU, Linear): .0 and .2
+]
+
+
+def _from_open_clip(sd):
+    out = {}
+    for k, v in sd.items():
+        if m := re.fullmatch(r"visual\.trunk\.blocks\.(\d+)\.attn\.qkv\.(weight|bias)", k):
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3)):  # (3D, ...) -> 3 x (D, ...)
+                out[f"visual.encoder.layers.{m[1]}.self_attn.{name}.{m[2]}"] = part
+            continue
+        pattern, ours = next(((p, o) for p, o in OPEN_CLIP_NAMES if re.match(p, k)), ("", ""))
+        out[re.sub("^" + pattern, ours, k) if pattern else k] = v
+    for k, keep in (("visual.embeddings.class_embedding", 1), ("visual.embeddings.position_embedding.weight", 2)):
+        if k in out and out[k].dim() == 3:
+            out[k] = out[k].reshape(out[k].shape[-keep:])
+    return out
+
+
+def _read_open_clip(folder):
+    """open_clip's BiomedCLIP layout: a timm ViT (class-token pooling, linear head) + an HF BERT ([CLS] pooling,
+    linear or MLP projection), open_clip_config.json + open_clip_pytorch_model.bin (or .safetensors). The config
+    names the towers but not their shapes (open_clip fetches those from the hub), so the shapes are read off the
+    tensors, with 64-wide attention heads as in every timm ViT and BERT size."""
+    where = folder / "open_clip_config.json"
+    d = json.loads(where.read_text())
+    model = d.get("model_cfg", {})
+    vision, text = model.get("vision_cfg", {}), model.get("text_cfg", {})
+    for key, value, allowed in (
+            ("vision_cfg.timm_pool", vision.get("timm_pool", ""), ("", "token")),
+            ("vision_cfg.timm_proj", vision.get("timm_proj", "linear"), ("linear",)),
+            ("text_cfg.hf_pooler_type", text.get("hf_pooler_type"), ("cls_last_hidden_state_pooler",)),
+            ("text_cfg.hf_proj_type", text.get("hf_proj_type"), ("linear", "mlp"))):
+        if value not in allowed:
+            raise ValueError(f"{where}: model_cfg.{key} = {value!r}: expected one of {allowed}")
+    source = _first(folder, ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
+    sd = _from_open_clip(_read_weights(source))
+    try:
+        patch = sd["visual.embeddings.patch_embedding.weight"]  # (D, C, p, p)
+        words = sd["text.embeddings.word_embeddings.weight"]  # (V, H)
+        vision_cfg = VisionConfig(
+            image_size=vision.get("image_size", 224), patch_size=patch.shape[-1], hidden_size=patch.shape[0],
+            intermediate_size=sd["visual.encoder.layers.0.mlp.fc1.weight"].shape[0],
+            num_layers=_count_layers(sd, "visual.encoder.layers."), num_heads=patch.shape[0] // 64,
+            layer_norm_eps=1e-6, act="gelu", class_token=True, pre_norm=False, patch_bias=True,
+            num_channels=patch.shape[1])
+        text_cfg = BertConfig(
+            vocab_size=words.shape[0], hidden_size=words.shape[1], num_layers=_count_layers(sd, "text.encoder.layer."),
+            num_heads=words.shape[1] // 64,
+            intermediate_size=sd["text.encoder.layer.0.intermediate.dense.weight"].shape[0],
+            max_position_embeddings=sd["text.embeddings.position_embeddings.weight"].shape[0],
+            type_vocab_size=sd["text.embeddings.token_type_embeddings.weight"].shape[0])
+    except KeyError as e:
+        raise ValueError(f"{source}: not a timm ViT + BERT open_clip checkpoint ({e} missing)") from None
+    cfg = ExpertConfig(vision=vision_cfg, text=text_cfg, embed_dim=model.get("embed_dim", 512),
+                       text_projection=text["hf_proj_type"], context_length=text.get("context_length", 77))
+    # open_clip's eval transform: resize (bicubic) + centre crop to image_size, mean / std from preprocess_cfg
+    pre = d.get("preprocess_cfg", {})
+    mode = {"shortest": "crop", "squash": "resize"}.get(pre.get("resize_mode", "shortest"))
+    resample = {"bicubic": 3, "bilinear": 2}.get(pre.get("interpolation", "bicubic"))  # PIL Image.Resampling
+    if mode is None or resample is None:
+        raise ValueError(f"{where}: preprocess_cfg resize_mode {pre.get('resize_mode')!r} / interpolation "
+                         f"{pre.get('interpolation')!r}: expected shortest or squash / bicubic or bilinear")
+    proc = ImageProcessing(size=vision_cfg.image_size, mode=mode, resample=resample,
+                           **{k: tuple(pre[k]) for k in ("mean", "std") if k in pre})
+    return cfg, sd, load_bert_tokenizer(folder, cfg.context_length), proc, source
+
+
+def _count_layers(sd, prefix):
+    return len({m[1] for k in sd if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))})
+
+
+def _load_checked(expert, sd, where):
+    """Load a state dict in our names into `expert` (built on the meta device); every mismatch in one error."""
+    sd = {k: v for k, v in sd.items() if not IGNORED.match(k)}
+    want = expert.state_dict()
+    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
+    misshaped = [f"{k}: {tuple(sd[k].shape)}, expected {tuple(want[k].shape)}" for k in sorted(set(sd) & set(want))
+                 if sd[k].shape != want[k].shape]
+    if missing or unexpected or misshaped:
+        raise ValueError(f"{where}: checkpoint does not fit the expert: missing {missing}; unexpected {unexpected};"
+                         f" mis-shaped {misshaped}")
+    expert.load_state_dict({k: v.float() for k, v in sd.items()}, assign=True)
 
 
 def load(path_or_repo_id, device="cpu"):
-    """An Expert in eval mode from a local folder or a hub id: our layout, HF CLIPModel, or open_clip BiomedCLIP."""
-    folder = _resolve(path_or_repo_id)
+    """An Expert in eval mode (float32) from a local folder or a hub id: our layout, open_clip, or HF CLIPModel."""
+    folder = Path(path_or_repo_id)
+    if not folder.exists():
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_repo_id)):
+            raise FileNotFoundError(f"{path_or_repo_id}: no such folder, and not a hub id 'owner/name'")
+        from huggingface_hub import snapshot_download  # honours HF_HUB_OFFLINE (then the local cache only)
+        folder = Path(snapshot_download(str(path_or_repo_id), allow_patterns=[
+            "*.json", "vocab.txt", "*.safetensors", "open_clip_pytorch_model.bin"]))
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
     if config.get("format") == FORMAT:
-        cfg, sd, tok, source = _read_ours(folder)
+        cfg, sd, tokenizer, proc, source = _read_ours(folder)
     elif (folder / "open_clip_config.json").exists():
-        cfg, sd, tok, source = _read_open_clip(folder)
+        cfg, sd, tokenizer, proc, source = _read_open_clip(folder)
     elif config.get("model_type") == "clip":
-        cfg, sd, tok, source = _read_hf_clip(folder)
+        cfg, sd, tokenizer, proc, source = _read_hf_clip(folder)
     else:
         raise ValueError(f"{folder}: not an expert checkpoint (expected our config.json with format {FORMAT!r}, "
                          "open_clip_config.json, or an HF CLIPModel config.json)")
-    with torch.device("meta"):  # no random init: every tensor comes from the checkpoint (assign=True)
-        expert = Expert(cfg, tok, _processing(folder, cfg))
+    if proc is not None and proc.size != cfg.vision.image_size:
+        raise ValueError(f"{folder}: images are processed to {proc.size} px, the vision tower takes "
+                         f"{cfg.vision.image_size} px")
+    with torch.device("meta"):  # no random init: every tensor comes from the checkpoint
+        expert = Expert(cfg, tokenizer, proc)  # proc None: OpenAI CLIP's processing
     _load_checked(expert, sd, source)
     return expert.to(device).eval()
 
 
 def save(expert, folder):
-    """Write our layout: config.json (towers, projection, context, processing), model.safetensors, tokenizer.json.
+    """Our layout: config.json (towers, projection, context, processing), model.safetensors, tokenizer.json.
     Written into a temporary folder that is then renamed, so a reader never sees half an expert."""
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
@@ -538,14 +546,11 @@ def save(expert, folder):
     meta = dict(format=FORMAT, text_kind="bert" if isinstance(cfg.text, BertConfig) else "clip",
                 vision=asdict(cfg.vision), text=asdict(cfg.text), embed_dim=cfg.embed_dim,
                 text_projection=cfg.text_projection, context_length=cfg.context_length,
-                processing=None if expert.processing is None else asdict(expert.processing))
+                processing=asdict(expert.processing))
     (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-    save_file({k: v.detach().cpu().contiguous() for k, v in expert.state_dict().items()}, str(tmp / "model.safetensors"))
+    tensors = {k: v.detach().cpu().contiguous() for k, v in expert.state_dict().items()}
+    save_file(tensors, str(tmp / "model.safetensors"))
     expert.tokenizer.save(str(tmp / "tokenizer.json"))
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)
-
-
-def _processing(folder, cfg):
-    return None  # TODO: data.ImageProcessing once data.py is committed

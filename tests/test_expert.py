@@ -4,14 +4,16 @@
 """
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import BertConfig as HFBertConfig, BertModel
 from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy
 
-from nanovalor.expert import (Bert, ClipText, ClipTextConfig, bert_config_from_hf, load, load_bert_tokenizer, save,
-                              tokenize)
+from nanovalor.expert import (Bert, BertConfig, ClipText, ClipTextConfig, Expert, ExpertConfig, bert_config_from_hf,
+                              load, load_bert_tokenizer, save, tokenize)
+from nanovalor.vit import VisionConfig
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "heart", "is", "normal", "size", ".", ",", "no",
          "pleural", "effusion", "lung", "##s", "are", "clear", "card", "##io", "##me", "##galy", "mild", "left",
@@ -146,8 +148,8 @@ def _tiny_clip(folder, seed=0):
                                       num_attention_heads=4, max_position_embeddings=24,
                                       eos_token_id=hf_tok.eos_token_id, bos_token_id=hf_tok.bos_token_id,
                                       pad_token_id=hf_tok.pad_token_id),
-                     vision_config=dict(hidden_size=36, intermediate_size=50, num_hidden_layers=2, num_attention_heads=3,
-                                        image_size=35, patch_size=7), projection_dim=20)
+                     vision_config=dict(hidden_size=36, intermediate_size=50, num_hidden_layers=2,
+                                        num_attention_heads=3, image_size=35, patch_size=7), projection_dim=20)
     hf = CLIPModel(cfg).eval()
     for p in hf.parameters():
         p.data.add_(0.1 * torch.randn_like(p))
@@ -309,7 +311,8 @@ class _Payload:  # unpickling this calls open(path, "w"): code execution, which 
 def test_pickle_carrying_code_is_refused(tmp_path):
     _biomedclip_folder(tmp_path)
     marker = tmp_path / "pwned"
-    torch.save({"logit_scale": torch.tensor(1.0), "evil": _Payload(str(marker))}, tmp_path / "open_clip_pytorch_model.bin")
+    evil = {"logit_scale": torch.tensor(1.0), "evil": _Payload(str(marker))}
+    torch.save(evil, tmp_path / "open_clip_pytorch_model.bin")
     with pytest.raises(ValueError, match="open_clip_pytorch_model.bin: refused or unreadable"):
         load(tmp_path)
     assert not marker.exists()
@@ -326,3 +329,132 @@ def test_open_clip_config_errors(tmp_path):
         load(tmp_path / "no" / "such" / "folder")
     with pytest.raises(ValueError, match="not an expert checkpoint"):
         load(tmp_path / "..")
+
+
+# ----------------------------------------------------------------------------- images and the scorer
+
+
+def test_similarity_reads_xray_files_of_every_kind(tmp_path):
+    from PIL import Image
+    _biomedclip_folder(tmp_path / "expert")
+    expert = load(tmp_path / "expert")
+    assert expert.processing.size == 32 and expert.processing.mode == "crop"
+    assert expert.processing.mean == (0.48145466, 0.4578275, 0.40821073)
+    gray = np.random.default_rng(0).integers(0, 256, (40, 48), dtype=np.uint8)  # not square: resize + crop
+    Image.fromarray(gray, "L").save(tmp_path / "gray.png")
+    Image.fromarray(np.stack([gray] * 3, -1), "RGB").save(tmp_path / "rgb.png")
+    Image.fromarray(np.stack([gray] * 3 + [np.full_like(gray, 255)], -1), "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "gray16.png")  # the same X-ray at 16 bits
+    assert Image.open(tmp_path / "gray16.png").mode.startswith("I")
+    paths = [tmp_path / n for n in ("rgb.png", "gray.png", "rgba.png", "gray16.png")]
+    got = expert.similarity(paths, [REPORTS[0]] * 4)
+    assert got.shape == (4, 4) and got.dtype == torch.float32 and got.abs().max() <= 1
+    for row in got[1:]:  # all four files hold the same picture
+        torch.testing.assert_close(row, got[0], rtol=0, atol=1e-6)
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with pytest.raises(ValueError, match="corrupt.png"):
+        expert.similarity([paths[0], tmp_path / "corrupt.png"], [REPORTS[0]] * 2)
+    with pytest.raises(ValueError, match="B images and B lists of G reports"):
+        expert.similarity(paths[:2], [REPORTS[0], REPORTS[1][:3]])
+
+
+def test_long_reports_are_truncated_to_the_context(tmp_path):
+    _biomedclip_folder(tmp_path)
+    expert = load(tmp_path)  # context 16 tokens: [CLS] + 14 + [SEP]
+    head = "the heart is normal size . no pleural effusion , lungs are clear . mild"  # exactly 14 word pieces
+    long_report = head + " left-sided effusion" * 30
+    ids, mask = expert.tokenize([long_report, head])
+    assert ids.tolist()[0] == ids.tolist()[1] and mask.sum(1).tolist() == [16, 16]
+    pixels = torch.randn(1, 3, 32, 32)
+    scores = expert.similarity(pixels, [[long_report, head, ""]])
+    assert scores[0, 0] == scores[0, 1] and scores[0, 0] != scores[0, 2]  # the rule: truncate; empty: [CLS][SEP]
+
+
+def test_frozen_scorer_leaves_training_state_alone(tmp_path):
+    _biomedclip_folder(tmp_path)
+    expert = load(tmp_path).train()
+    pixels = torch.randn(2, 3, 32, 32, requires_grad=True)
+    scores = expert.similarity(pixels, REPORTS)
+    assert expert.training and not scores.requires_grad  # no graph; mode restored for a caller that trains
+    ids, mask = expert.tokenize(REPORTS[0])
+    loss = (expert.encode_images(pixels) @ expert.encode_texts(ids, mask).T * expert.logit_scale.exp()).sum()
+    loss.backward()  # called directly, the towers are differentiable (contrastive training of a tiny expert)
+    assert pixels.grad.abs().sum() > 0 and expert.text.embeddings["word_embeddings"].weight.grad.abs().sum() > 0
+
+
+SCENES = {"opacity in the left upper lung .": (0, 0), "opacity in the right upper lung .": (0, 1),
+          "opacity in the left lower lung .": (1, 0), "opacity in the right lower lung .": (1, 1),
+          "the lungs are clear .": None}
+
+
+def _scene(where, rng):
+    """A 32 x 32 grey 'X-ray': noise, plus a bright blob in one quadrant (image left = patient's right)."""
+    x = 0.1 * rng.standard_normal((32, 32))
+    if where is not None:
+        r, c = where[0] * 16 + rng.integers(2, 7), (1 - where[1]) * 16 + rng.integers(2, 7)
+        x[r:r + 8, c:c + 8] += 1.0
+    return torch.from_numpy(np.stack([x] * 3)).float()  # (3, 32, 32)
+
+
+def test_trained_tiny_expert_ranks_the_matching_report_first(tmp_path):
+    words = sorted({w for report in SCENES for w in report.split()})
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + words))
+    torch.manual_seed(0)
+    cfg = ExpertConfig(vision=VisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                           num_layers=2, num_heads=2, act="gelu", class_token=True, pre_norm=False,
+                                           patch_bias=True, layer_norm_eps=1e-6),
+                       text=BertConfig(vocab_size=len(words) + 4, hidden_size=32, num_layers=1, num_heads=2,
+                                       intermediate_size=64, max_position_embeddings=16),
+                       embed_dim=16, text_projection="mlp", context_length=16)
+    expert = Expert(cfg, load_bert_tokenizer(tmp_path, 16))
+    reports = list(SCENES)
+    ids, mask = expert.tokenize(reports)
+    rng = np.random.default_rng(0)
+    opt = torch.optim.AdamW(expert.parameters(), lr=1e-3)  # (3e-3 stalls on some seeds, 1e-3 learned 10 of 10)
+    target = torch.arange(len(reports)).repeat_interleave(8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is fastest, and the run is the same on every machine
+    try:
+        for _ in range(150):  # InfoNCE, image -> report: 8 fresh images of each scene a step
+            images = torch.stack([_scene(SCENES[r], rng) for r in reports for _ in range(8)])  # (40, 3, 32, 32)
+            logits = expert.encode_images(images) @ expert.encode_texts(ids, mask).T * expert.logit_scale.exp()
+            loss = F.cross_entropy(logits, target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    held_out = np.random.default_rng(1)
+    images = torch.stack([_scene(SCENES[r], held_out) for r in reports for _ in range(3)])  # (15, 3, 32, 32)
+    shuffled = [reports[2:] + reports[:2]] * 15  # the right answer is never first in the list
+    scores = expert.similarity(images, shuffled)  # (15, 5)
+    assert (scores.argmax(1) == torch.tensor([(i // 3 - 2) % 5 for i in range(15)])).all(), scores
+
+
+def test_clip_images_processed_as_the_checkpoint_says(tmp_path):
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+    hf, hf_tok = _tiny_clip(tmp_path)
+    CLIPImageProcessor(size={"shortest_edge": 35}, crop_size={"height": 35, "width": 35}).save_pretrained(tmp_path)
+    expert = load(tmp_path)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (50, 41, 3), dtype=np.uint8)) for _ in range(2)]
+    pixels = CLIPImageProcessor.from_pretrained(tmp_path)(images, return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (2, 3, 35, 35)
+    torch.testing.assert_close(expert.similarity(images, REPORTS), expert.similarity(pixels, REPORTS),
+                               rtol=0, atol=1e-6)
+
+
+def test_hub_ids_go_through_snapshot_download(tmp_path, monkeypatch):
+    import huggingface_hub
+    _biomedclip_folder(tmp_path)
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns):  # no network in tests: serve the local folder
+        calls.append((repo_id, allow_patterns))
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    expert = load("someone/tiny-biomedclip")
+    assert expert.cfg.text_projection == "mlp" and calls[0][0] == "someone/tiny-biomedclip"
+    assert "open_clip_pytorch_model.bin" in calls[0][1] and "*.bin" not in calls[0][1]  # not every weight format
