@@ -103,10 +103,11 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, H_kv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:  # see generate.KVCache: stores the new columns, returns all of them (B, H_kv, S, hd)
-            k, v = cache.update(self.layer_idx, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           enable_gqa=self.n_kv != self.n_heads)  # (B, H, T, hd)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               enable_gqa=self.n_kv != self.n_heads)  # (B, H, T, hd)
+        else:  # sampling: a generate.py cache stores k, v and attends over all it holds
+            y = cache.attend(self.layer_idx, q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -237,8 +238,8 @@ class Llava(nn.Module):
 
         hidden[b, t] predicts input_ids[b, t + 1]: to score completion tokens, select the positions just before
         them. attention_mask (B, T) (or (B, past + T) with a cache) marks real tokens with 1; positions count real
-        tokens only, so left, right or inner padding gives the same hidden states as no padding. `cache` is a
-        generate.KVCache (sampling only)."""
+        tokens only, so left, right or inner padding gives the same hidden states as no padding. `cache`: a
+        generate.py KVCache or GroupKVCache (sampling only)."""
         if pixel_values is not None:
             if image_embeds is not None:
                 raise ValueError("give pixel_values or image_embeds, not both")
@@ -262,10 +263,14 @@ class Llava(nn.Module):
             cache.length += T
         return self.language_model.norm(x if select is None else x[select])
 
-    def forward(self, input_ids, pixel_values=None, image_embeds=None, attention_mask=None):
+    def forward(self, input_ids, pixel_values=None, image_embeds=None, attention_mask=None, select=None,
+                return_hidden=False):
         """input_ids (B, T) with the image token repeated num_image_tokens times per image, pixel_values
-        (n_images, 3, S, S) or image_embeds (n_images, P, D) -> logits (B, T, V)."""
-        return self.lm_head(self.hidden_states(input_ids, pixel_values, image_embeds, attention_mask))
+        (n_images, 3, S, S) or image_embeds (n_images, P, D) -> logits (B, T, V), or (N, V) at `select`.
+        return_hidden=True gives the final-norm hidden states instead (for logprobs.token_logprobs with
+        model.lm_head.weight): the way to get them through DDP / FSDP wrappers, whose hooks run on forward."""
+        h = self.hidden_states(input_ids, pixel_values, image_embeds, attention_mask, select)
+        return h if return_hidden else self.lm_head(h)
 
 
 # -----------------------------------------------------------------------------

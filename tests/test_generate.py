@@ -5,12 +5,15 @@ teacher-forced log-probs the GRPO trainer computes.
 
 Tiny random LLaVA models come from tests/test_policy.py's builder (transformers, no download).
 """
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
 from test_policy import IMAGE, VOCAB, build, prompt_ids
 
-from nanovalor.generate import filter_logits, left_pad, sample, sample_naive, sample_token
+from nanovalor.generate import (GroupKVCache, KVCache, filter_logits, left_pad, repeat_for_group, sample, sample_naive,
+                                sample_token)
 from nanovalor.policy import load
 
 
@@ -115,6 +118,25 @@ def test_recorded_logprobs_equal_teacher_forced_logprobs(models, temperature):
     torch.testing.assert_close(out.logprobs[out.mask], fused, rtol=0, atol=1e-5)
 
 
+def test_prompts_with_several_images(models):
+    """A study with two views: two image blocks in one prompt; image rows follow the order of the image tokens."""
+    _, ours = models["clip_llama"]
+    two_views = torch.cat([prompt_ids(2, 3, seed=5), prompt_ids(0, 4, seed=6)])
+    ids, mask = left_pad([two_views.tolist(), prompt_ids(3, 2, seed=7).tolist()])
+    pixels = torch.randn(3, 3, 35, 35)  # study 0: images 0 and 1; study 1: image 2
+    assert torch.equal(repeat_for_group(pixels, ids, ours.cfg, 2), pixels[[0, 1, 0, 1, 2, 2]])
+    kw = dict(group_size=2, max_new_tokens=6, eos_token_id=[])
+    cached = sample(ours, ids, mask, pixels, generator=torch.Generator().manual_seed(0), **kw)
+    naive = sample_naive(ours, ids, mask, pixels, generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(cached.tokens, naive.tokens)
+    full = torch.cat([ids.repeat_interleave(2, 0), cached.tokens], 1)
+    full_mask = torch.cat([mask.repeat_interleave(2, 0), cached.mask.long()], 1)
+    with torch.no_grad():
+        logits = ours(full, repeat_for_group(pixels, ids, ours.cfg, 2), attention_mask=full_mask)
+    teacher = F.log_softmax(logits[:, ids.shape[1] - 1:-1], -1).gather(2, cached.tokens[..., None])[..., 0]
+    torch.testing.assert_close(cached.logprobs, teacher, rtol=0, atol=1e-5)
+
+
 def test_group_mode_runs_the_vit_once_and_prefills_once(models):
     _, ours = models["clip_llama"]
     ids, mask, pixels = prompts()
@@ -127,6 +149,28 @@ def test_group_mode_runs_the_vit_once_and_prefills_once(models):
         [h.remove() for h in hooks]
     assert vit_batches == [2]  # both images, once
     assert decoder_lengths == [(2, ids.shape[1]), (16, 1), (16, 1), (16, 1)]  # one prefill, then G * B rows
+
+
+def test_group_cache_attention_equals_attention_over_the_copied_prefix():
+    """Shared-prefix attention (prompt keys stored once per group, two softmax parts merged by log-sum-exp) equals
+    plain attention of every row over its own copy of the prompt followed by its own tokens (GQA, left padding)."""
+    torch.manual_seed(0)
+    B, G, H, H_kv, T, hd = 2, 3, 6, 2, 5, 4
+    prompt_mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    prefix = KVCache(SimpleNamespace(num_kv_heads=H_kv, head_dim=hd, num_layers=1), B, T, torch.float32, "cpu")
+    k, v = torch.randn(B, H_kv, T, hd), torch.randn(B, H_kv, T, hd)
+    prefix.attend(0, torch.randn(B, H, T, hd), k, v, None)
+    prefix.length = T
+    cache = GroupKVCache(prefix, prompt_mask, G, capacity=4)
+    all_k, all_v = k.repeat_interleave(G, 0), v.repeat_interleave(G, 0)  # (B*G, H_kv, T, hd): the copied prefix
+    for step in range(4):
+        q, k_new, v_new = torch.randn(B * G, H, 1, hd), torch.randn(B * G, H_kv, 1, hd), torch.randn(B * G, H_kv, 1, hd)
+        ours = cache.attend(0, q, k_new, v_new)
+        cache.length += 1
+        all_k, all_v = torch.cat([all_k, k_new], 2), torch.cat([all_v, v_new], 2)
+        valid = torch.cat([prompt_mask.repeat_interleave(G, 0), torch.ones(B * G, step + 1, dtype=torch.long)], 1)
+        ref = F.scaled_dot_product_attention(q, all_k, all_v, attn_mask=valid.bool()[:, None, None, :], enable_gqa=True)
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
 
 
 def test_filter_logits_on_hand_numbers():

@@ -141,8 +141,11 @@ def test_hidden_states_at_chosen_positions(models):
         with torch.no_grad():
             hidden = ours.hidden_states(ids, pixels, select=select)
             logits = ours(ids, pixels)
-        assert hidden.shape == (10, 60)
+            through_forward = ours(ids, pixels, select=select, return_hidden=True)  # what DDP / FSDP wrappers see
+            selected_logits = ours(ids, pixels, select=select)
+        assert hidden.shape == (10, 60) and torch.equal(through_forward, hidden)
         torch.testing.assert_close(hidden @ ours.lm_head.weight.T, logits[select], rtol=0, atol=1e-5)
+        torch.testing.assert_close(selected_logits, logits[select], rtol=0, atol=1e-5)
 
 
 def test_frozen_vit_keeps_no_graph_and_the_projector_trains(models):
