@@ -74,7 +74,7 @@ def run_hf():
     return out[:, input_ids.shape[1]:]
 
 
-samplers = [("nanovalor sample (KV cache, group fork)", run_ours, N),
+samplers = [("nanovalor sample (KV cache, shared group prefix)", run_ours, N),
             ("transformers generate (num_return_sequences)", run_hf, N),
             ("nanovalor sample_naive (full recompute)", run_naive, args.naive_tokens)]
 best = {}

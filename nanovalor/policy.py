@@ -208,9 +208,9 @@ class Llava(nn.Module):
         self.source, self.preprocessor_config = None, None
 
     def encode_images(self, pixel_values):
-        """(B, 3, S, S) -> projected image embeddings (B, P, D). Encode each image once and pass the result as
-        `image_embeds` (repeat_interleave it G times for a group). A frozen ViT (no parameter requires grad) runs
-        under no_grad, so it keeps no activations; the projector stays differentiable."""
+        """(n, 3, S, S) -> projected image embeddings (n, P, D). Encode each image once and pass the result as
+        `image_embeds` (generate.repeat_for_group repeats it for a group). A frozen ViT (no parameter requires
+        grad) runs under no_grad, so it keeps no activations; the projector stays differentiable."""
         frozen = not any(p.requires_grad for p in self.vision_tower.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             feats = self.vision_tower(pixel_values, self.cfg.feature_layer)  # (B, 1+P or P, d_vision)

@@ -222,3 +222,23 @@ def test_the_image_token_is_never_sampled(models):
             ours.lm_head.weight[IMAGE] = saved
     assert (logits.argmax(-1) == IMAGE).all() and not (out.tokens == IMAGE).any()
     assert out.tokens.max() < VOCAB
+
+
+def test_bfloat16_weights_sample_with_fp32_logprobs(models, tmp_path):
+    """bf16 weights (the CUDA default) on CPU: the sampler applies the LM head in fp32, as logprobs.py does, so
+    its log-probs are fp32 and agree with a teacher-forced bf16 forward to bf16 precision."""
+    hf, _ = models["clip_llama"]
+    hf.save_pretrained(tmp_path)
+    ours = load(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
+    ids, mask, pixels = prompts()
+    out = sample(ours, ids, mask, pixels, group_size=2, max_new_tokens=6, eos_token_id=[],
+                 generator=torch.Generator().manual_seed(0))
+    assert out.logprobs.dtype == torch.float32
+    full = torch.cat([ids.repeat_interleave(2, 0), out.tokens], 1)
+    full_mask = torch.cat([mask.repeat_interleave(2, 0), out.mask.long()], 1)
+    with torch.no_grad():
+        hidden = ours(full, pixels.repeat_interleave(2, 0), attention_mask=full_mask, return_hidden=True)
+    logits = hidden[:, ids.shape[1] - 1:-1].float() @ ours.lm_head.weight.float().T
+    teacher = F.log_softmax(logits, -1).gather(2, out.tokens[..., None])[..., 0]
+    torch.testing.assert_close(out.logprobs, teacher, rtol=0, atol=0.1)
