@@ -13,11 +13,12 @@ group costs one prefill and one prefix read per step, not G. Every row stops at 
 all rows have stopped or after max_new_tokens.
 
 Log-probs: each sampled token's log-prob is log softmax(logits / T)[token] over the whole vocabulary, in fp32 (on
-bf16 weights the LM head is applied in fp32, as logprobs.token_logprobs does), i.e. exactly what the trainer
-computes for the same token: GRPO's first-pass ratio is 1. top_k / top_p (and the ban on the image placeholder
-token, whose embedding slot only image features may fill) restrict which tokens can be drawn; the recorded
-log-prob stays the unrestricted one, so with top_p < 1 or top_k > 0 rollouts are slightly off-policy (the
-usual GRPO setting is T = 1, top_p = 1, top_k = 0). Greedy (temperature 0) records log-probs at T = 1.
+bf16 weights the LM head is applied in fp32, as logprobs.token_logprobs does): what the trainer computes for the
+same token, so GRPO's first-pass ratio is 1 (to 1e-5 in fp32; on bf16 weights the cached and the full forward
+round differently, to bf16 precision). top_k / top_p (and the ban on the image placeholder token, whose
+embedding slot only image features may fill) restrict which tokens can be drawn; the recorded log-prob stays
+the unrestricted one, so with top_p < 1 or top_k > 0 rollouts are slightly off-policy (the usual GRPO setting
+is T = 1, top_p = 1, top_k = 0). Greedy (temperature 0) records log-probs at T = 1.
 
 `sample_naive` runs the whole sequence through the model at every step (no cache, no sharing, the prompt
 repeated G times up front); it draws random numbers in the same order, so with the same generator both samplers
