@@ -340,15 +340,17 @@ def config_from_original(d, vision_d, where):
         vision_d = {"model_type": vision_d["model_type"] + "_vision_model", **vision_d.get("vision_config", {})}
     vision = vision_config_from_hf(vision_d)
     projector, select = d.get("mm_projector_type", "linear"), d.get("mm_vision_select_feature", "patch")
-    if projector not in ("linear", "mlp2x_gelu") or select not in ("patch", "cls_patch") or d.get("mm_use_im_start_end"):
+    start_end = d.get("mm_use_im_start_end")
+    if projector not in ("linear", "mlp2x_gelu") or select not in ("patch", "cls_patch") or start_end:
         raise ValueError(f"{where}: mm_projector_type {projector!r}, mm_vision_select_feature {select!r}, "
-                         f"mm_use_im_start_end {d.get('mm_use_im_start_end')}: expected linear or mlp2x_gelu, "
+                         f"mm_use_im_start_end {start_end}: expected linear or mlp2x_gelu, "
                          f"patch or cls_patch, and no image start/end tokens")
     if d.get("mm_hidden_size", vision.hidden_size) != vision.hidden_size:
         raise ValueError(f"{where}: mm_hidden_size {d['mm_hidden_size']} != the vision tower's {vision.hidden_size}")
     return LlavaConfig(vision=vision, text=text, projector=projector, projector_bias=True,
                        image_token_id=text.vocab_size, feature_layer=d.get("mm_vision_select_layer", -2),
-                       feature_select="default" if select == "patch" else "full", eos_token_id=_ids(d.get("eos_token_id")))
+                       feature_select="default" if select == "patch" else "full",
+                       eos_token_id=_ids(d.get("eos_token_id")))
 
 
 def _ids(x):  # eos_token_id may be an int, a list or absent

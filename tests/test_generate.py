@@ -195,8 +195,8 @@ def test_sample_token_draws_from_the_tempered_distribution():
     torch.testing.assert_close(torch.bincount(tokens, minlength=4) / 20000, p, rtol=0, atol=0.01)
     torch.testing.assert_close(logprobs, p.log()[tokens])
     tokens, logprobs = sample_token(logits, temperature=0.7, top_p=0.9, generator=g)  # keeps {0, 1}
-    torch.testing.assert_close(torch.bincount(tokens, minlength=4) / 20000, torch.cat([p[:2] / p[:2].sum(),
-                                                                                      torch.zeros(2)]), rtol=0, atol=0.01)
+    kept = torch.cat([p[:2] / p[:2].sum(), torch.zeros(2)])
+    torch.testing.assert_close(torch.bincount(tokens, minlength=4) / 20000, kept, rtol=0, atol=0.01)
     torch.testing.assert_close(logprobs, p.log()[tokens])
     tokens, logprobs = sample_token(logits[:3], temperature=0)
     assert tokens.tolist() == [0, 0, 0]

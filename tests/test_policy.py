@@ -4,7 +4,7 @@
     python -m pytest -q tests/test_policy.py
 
 Tiny random LLaVA models are built with transformers from a config (no download), saved to a temporary folder and
-loaded with nanovalor.policy.load. Shapes are odd on purpose (vocab 1031, hidden 60, 6 heads over 2 KV heads).
+loaded with nanovalor.policy.load. Shapes are odd on purpose (vocab 1031, hidden 60 or 63, 6 heads over 2 KV heads).
 """
 import json
 import os
@@ -34,10 +34,11 @@ KINDS = {
                                         text_config=Qwen2Config(**{**TEXT, "num_key_value_heads": 3},
                                                                 tie_word_embeddings=True).to_dict(),
                                         vision_feature_select_strategy="full", vision_feature_layer=-1),
-    # Mistral with head_dim != hidden / heads and its large RoPE theta
+    # Mistral with an odd hidden size, head_dim != hidden / heads and its large RoPE theta
     "clip_mistral": lambda: LlavaConfig(vision_config=CLIPVisionConfig(**VISION).to_dict(),
-                                        text_config=MistralConfig(**{**TEXT, "num_attention_heads": 4}, head_dim=14,
-                                                                  rope_theta=1e6).to_dict()),
+                                        text_config=MistralConfig(**{**TEXT, "hidden_size": 63,
+                                                                     "num_attention_heads": 4},
+                                                                  head_dim=14, rope_theta=1e6).to_dict()),
 }
 
 
@@ -213,7 +214,8 @@ def _to_original_layout(hf_folder, folder, vision_inside, projector_linear=False
         out["model.mm_projector.bias"] = torch.randn(60)
     vision_folder = folder / "clip"
     vision_folder.mkdir(parents=True)
-    (vision_folder / "config.json").write_text(json.dumps({"model_type": "clip", "vision_config": cfg["vision_config"]}))
+    clip_config = {"model_type": "clip", "vision_config": cfg["vision_config"]}
+    (vision_folder / "config.json").write_text(json.dumps(clip_config))
     (vision_folder / "preprocessor_config.json").write_text(json.dumps({"crop_size": 35, "image_mean": [0.5] * 3}))
     vision["text_model.embeddings.token_embedding.weight"] = torch.zeros(3, 4)  # a CLIPModel repo: text half unused
     save_file(vision, vision_folder / "model.safetensors")
@@ -221,7 +223,8 @@ def _to_original_layout(hf_folder, folder, vision_inside, projector_linear=False
         out.update({"model.vision_tower.vision_tower." + k: v for k, v in vision.items() if k.startswith("vision_")})
     save_file(out, folder / "model.safetensors")
     config = {**text, "model_type": "llava_llama", "architectures": ["LlavaLlamaForCausalLM"],
-              "mm_vision_tower": str(vision_folder), "mm_projector_type": "linear" if projector_linear else "mlp2x_gelu",
+              "mm_vision_tower": str(vision_folder),
+              "mm_projector_type": "linear" if projector_linear else "mlp2x_gelu",
               "mm_hidden_size": 36, "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
               "mm_use_im_start_end": False, "image_aspect_ratio": "pad"}
     (folder / "config.json").write_text(json.dumps(config))
@@ -336,7 +339,8 @@ def test_hub_id_in_offline_mode_is_a_clear_error(tmp_path):
     code = "from nanovalor.policy import load; load('nobody/no-such-model')"
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode != 0
-    assert "nobody/no-such-model: not a local folder, and fetching it from the hub failed (HF_HUB_OFFLINE=1)" in run.stderr
+    assert ("nobody/no-such-model: not a local folder, and fetching it from the hub failed (HF_HUB_OFFLINE=1)"
+            in run.stderr)
 
 
 # -----------------------------------------------------------------------------
