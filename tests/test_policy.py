@@ -19,7 +19,9 @@ from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCo
 
 from nanovalor.generate import (CHAT_FORMATS, chatml_prompt, encode_prompt, load_tokenizer, mistral_prompt,
                                 vicuna_prompt)
-from nanovalor.policy import DECODER_DEFAULTS, decoder_config_from_hf, load, save
+from nanovalor.policy import DECODER_DEFAULTS, DecoderConfig, Llava, decoder_config_from_hf, load, save
+from nanovalor.policy import LlavaConfig as OurConfig
+from nanovalor.vit import VisionConfig
 
 VOCAB, IMAGE, P = 1031, 1030, 25  # the image token is the last id; 5 x 5 patches of a 35 px image
 VISION = dict(hidden_size=36, intermediate_size=50, num_hidden_layers=3, num_attention_heads=3, image_size=35,
@@ -273,6 +275,27 @@ def test_save_then_transformers_and_load_read_it(models, tmp_path, kind):
         torch.testing.assert_close(load(tmp_path / "saved")(ids, pixels), ref, rtol=0, atol=1e-5)
     assert json.loads((tmp_path / "saved" / "preprocessor_config.json").read_text()) == {"crop_size": 35}
     ours.preprocessor_config = None
+
+
+def test_a_model_built_from_our_config_is_initialised_and_saved_for_transformers(tmp_path):
+    """The from-scratch path (the phantom world's tiny policy): transformers' initialisation, then save()."""
+    cfg = OurConfig(vision=VisionConfig(image_size=35, patch_size=7, hidden_size=36, intermediate_size=50, num_layers=2,
+                                        num_heads=3),
+                    text=DecoderConfig(model_type="qwen2", vocab_size=101, hidden_size=48, intermediate_size=80,
+                                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=12, qkv_bias=True,
+                                       tie_embeddings=True),
+                    image_token_id=100, eos_token_id=[99])
+    torch.manual_seed(0)
+    ours = Llava(cfg).eval()
+    weight = ours.language_model.layers[0].mlp.up_proj.weight
+    assert abs(weight.std().item() - 0.02) < 0.002 and (ours.language_model.layers[0].self_attn.q_proj.bias == 0).all()
+    save(ours, tmp_path / "m")
+    ids = torch.cat([torch.tensor([5, 6]), torch.full((25,), 100), torch.tensor([7, 8, 9])])[None]
+    pixels = torch.randn(1, 3, 35, 35)
+    hf = LlavaForConditionalGeneration.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, pixels), hf(input_ids=ids, pixel_values=pixels).logits, rtol=0, atol=1e-5)
+    assert json.loads((tmp_path / "m" / "generation_config.json").read_text())["eos_token_id"] == [99]
 
 
 def test_sharded_safetensors_and_pytorch_bin(models, tmp_path):
