@@ -152,15 +152,15 @@ class GroupKVCache:
             raise ValueError(f"GroupKVCache takes one token per step within its capacity (t={t}, step {s})")
         self.k[layer][:, :, s:s + 1], self.v[layer][:, :, s:s + 1] = k, v
         own_k, own_v = self.k[layer][:, :, :s + 1], self.v[layer][:, :, :s + 1]  # (B*G, H_kv, s+1, hd)
-        q = q.view(BG, H_kv, H // H_kv, hd)  # the query heads that read each key head (GQA)
+        q = q.reshape(BG, H_kv, H // H_kv, hd)  # the query heads that read each key head (GQA)
         # (B*G, H_kv, r, n) <-> (B, H_kv, G*r, n): a group's queries side by side, to read its prefix once
-        group = lambda x: x.view(B, G, H_kv, -1, x.shape[-1]).transpose(1, 2).reshape(B, H_kv, -1, x.shape[-1])
-        ungroup = lambda x: x.view(B, H_kv, G, -1, x.shape[-1]).transpose(1, 2).reshape(BG, H_kv, -1, x.shape[-1])
+        group = lambda x: x.reshape(B, G, H_kv, -1, x.shape[-1]).transpose(1, 2).reshape(B, H_kv, -1, x.shape[-1])
+        ungroup = lambda x: x.reshape(B, H_kv, G, -1, x.shape[-1]).transpose(1, 2).reshape(BG, H_kv, -1, x.shape[-1])
         prefix_scores = (group(q) @ self.prefix_k[layer].transpose(2, 3)).masked_fill(~self.prefix_valid, float("-inf"))
         scores = torch.cat([ungroup(prefix_scores), q @ own_k.transpose(2, 3)], -1)  # (B*G, H_kv, r, T + s + 1)
         probs = (scores.float() * hd ** -0.5).softmax(-1).to(q.dtype)  # one softmax over prompt and own tokens
         y = ungroup(group(probs[..., :T]) @ self.prefix_v[layer]) + probs[..., T:] @ own_v  # (B*G, H_kv, r, hd)
-        return y.view(BG, H, 1, hd)
+        return y.reshape(BG, H, 1, hd)
 
 
 def filter_logits(scores, top_k=0, top_p=1.0):
@@ -179,6 +179,16 @@ def filter_logits(scores, top_k=0, top_p=1.0):
     return scores
 
 
+def uniform_noise(shape, generator, device):
+    """U(0, 1) draws (N, V). `generator` may be a list of one torch.Generator per group of N / len(generator)
+    consecutive rows: a group's draws then depend only on its own generator, not on which other prompts share the
+    batch, so a GRPO step samples the same rollouts on any number of ranks or micro-batches."""
+    if isinstance(generator, (list, tuple)):
+        rows = shape[0] // len(generator)
+        return torch.cat([torch.rand((rows, shape[1]), generator=g, device=device) for g in generator])
+    return torch.rand(shape, generator=generator, device=device)
+
+
 def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, banned=None):
     """logits (N, V) fp32 -> tokens (N,), log-probs (N,) (see the module docstring for what they are)."""
     logp = F.log_softmax(logits / (temperature if temperature > 0 else 1.0), dim=-1)  # (N, V)
@@ -186,8 +196,7 @@ def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, ba
     if temperature > 0:
         # Gumbel-max: argmax_i (log p_i + g_i), g_i = -log(-log U_i), picks i with probability p_i / sum(p) over
         # the kept tokens; no normalisation or GPU sync needed (uniforms: 5x cheaper than exponential_ on CPU).
-        uniform = torch.rand(scores.shape, generator=generator, device=scores.device)
-        scores = filter_logits(scores, top_k, top_p) - (-uniform.log()).log()
+        scores = filter_logits(scores, top_k, top_p) - (-uniform_noise(scores.shape, generator, scores.device).log()).log()
     tokens = scores.argmax(-1)
     return tokens, logp.gather(1, tokens[:, None])[:, 0]
 
@@ -231,7 +240,8 @@ def sample(model, input_ids, attention_mask=None, pixel_values=None, image_embed
            generator=None):
     """Sample group_size completions for each of B left-padded prompts (B, T). Images: pixel_values
     (n_images, 3, S, S) or image_embeds (n_images, P, D), in the order of the image tokens (one per prompt, several,
-    or none). eos_token_id defaults to the checkpoint's; temperature 0 is greedy. Returns B * group_size rows."""
+    or none). eos_token_id defaults to the checkpoint's; temperature 0 is greedy. generator: one torch.Generator,
+    or a list of B (one per prompt, see uniform_noise). Returns B * group_size rows."""
     attention_mask, eos, banned = _prepare(model, input_ids, attention_mask, eos_token_id, max_new_tokens)
     if pixel_values is not None:
         image_embeds = model.encode_images(pixel_values)  # (n_images, P, D): each image through the ViT once

@@ -11,4 +11,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread: the tests run tiny tensors, where a second thread only adds synchronisation (10-20 ms per op on a
+# busy 2-core machine). Benchmarks choose their own thread count.
+torch.set_num_threads(1)

@@ -92,6 +92,21 @@ def test_cached_group_sampler_equals_naive_under_sampling(models):
     assert torch.equal(again.tokens, cached.tokens) and not torch.equal(other.tokens, cached.tokens)
 
 
+def test_one_generator_per_group_makes_a_group_independent_of_its_batch(models):
+    """With a generator per prompt, a group's samples are the same whether its prompt is sampled alone or beside
+    others (what lets DDP runs on any number of ranks draw the same rollouts)."""
+    _, ours = models["clip_llama"]
+    ids, mask, pixels = prompts()
+    kw = dict(group_size=4, max_new_tokens=8, temperature=1.0, eos_token_id=[11])
+    both = sample(ours, ids, mask, pixels, generator=[torch.Generator().manual_seed(s) for s in (10, 11)], **kw)
+    alone_ids, alone_mask = left_pad([ids[1][mask[1].bool()].tolist()])
+    alone = sample(ours, alone_ids, alone_mask, pixels[1:], generator=[torch.Generator().manual_seed(11)], **kw)
+    n = alone.tokens.shape[1]
+    assert torch.equal(both.tokens[4:, :n], alone.tokens) and torch.equal(both.mask[4:, :n], alone.mask)
+    assert not both.mask[4:, n:].any()  # the longer batch ran on only for the other group
+    assert not torch.equal(both.tokens[:4], both.tokens[4:])
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_recorded_logprobs_equal_teacher_forced_logprobs(models, temperature):
     """GRPO's first-pass ratio is 1: the sampler's log-probs are what a teacher-forced forward over prompt
