@@ -1,7 +1,7 @@
 """From questions to sampled reports: tokenizer, chat formats, and the KV-cached group sampler (+ naive reference).
 
     tok = load_tokenizer(model.source)
-    prompts = [CHAT_FORMATS[model.cfg.text.model_type](question) for question in questions]
+    prompts = [chat_prompt(model.cfg, question) for question in questions]
     ids, mask = left_pad([encode_prompt(tok, prompt, model.cfg) for prompt in prompts])
     out = sample(model, ids, mask, pixel_values=images, group_size=8, max_new_tokens=128,
                  generator=torch.Generator().manual_seed(0))
@@ -57,7 +57,21 @@ def chatml_prompt(question, system="You are a helpful assistant."):
             f"<|im_start|>assistant\n")
 
 
-CHAT_FORMATS = {"llama": vicuna_prompt, "mistral": mistral_prompt, "qwen2": chatml_prompt}  # by decoder type
+def short_prompt(question):
+    """Vicuna's turns without the system sentence: what the phantom world's tiny models are trained with."""
+    return vicuna_prompt(question, system="")
+
+
+CHAT_FORMATS = {"vicuna": vicuna_prompt, "mistral": mistral_prompt, "chatml": chatml_prompt, "short": short_prompt}
+FAMILY_FORMATS = {"llama": "vicuna", "mistral": "mistral", "qwen2": "chatml"}  # "auto": by decoder type
+
+
+def chat_prompt(cfg, question):
+    """The prompt text for `question` in the chat format of a model (cfg: policy.LlavaConfig)."""
+    name = FAMILY_FORMATS[cfg.text.model_type] if cfg.chat_format == "auto" else cfg.chat_format
+    if name not in CHAT_FORMATS:
+        raise ValueError(f"chat_format {name!r}: expected 'auto' or one of {sorted(CHAT_FORMATS)}")
+    return CHAT_FORMATS[name](question)
 
 
 def load_tokenizer(path_or_repo_id):

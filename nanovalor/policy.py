@@ -179,6 +179,7 @@ class LlavaConfig:
     feature_layer: int = -2  # ViT hidden state fed to the projector (HF hidden_states indexing)
     feature_select: str = "default"  # "default" drops the ViT's first token (CLIP's class token), "full" keeps all
     eos_token_id: list = field(default_factory=lambda: [2])
+    chat_format: str = "auto"  # generate.CHAT_FORMATS key; "auto": the decoder family's (saved as nanovalor_chat_format)
 
     @property
     def num_image_tokens(self):  # placeholder tokens per image in input_ids
@@ -323,7 +324,8 @@ def config_from_hf(d, where):
                        projector_bias=d.get("multimodal_projector_bias", True),
                        image_token_id=d.get("image_token_index", d.get("image_token_id", 32000)), feature_layer=layer,
                        feature_select=d.get("vision_feature_select_strategy", "default"),
-                       eos_token_id=_ids((d.get("text_config") or {}).get("eos_token_id", d.get("eos_token_id"))))
+                       eos_token_id=_ids((d.get("text_config") or {}).get("eos_token_id", d.get("eos_token_id"))),
+                       chat_format=d.get("nanovalor_chat_format", "auto"))
 
 
 ORIGINAL_TYPES = {"llava": "llama", "llava_llama": "llama", "llava_mistral": "mistral", "llava_qwen2": "qwen2",
@@ -377,7 +379,8 @@ def config_to_hf(cfg: LlavaConfig):
                   layer_norm_eps=v.layer_norm_eps, hidden_act=v.act, num_channels=v.num_channels)
     if not v.class_token:
         vision["vision_use_head"] = False  # LLaVA never uses SigLIP's pooling head, and we do not keep it
-    return dict(architectures=["LlavaForConditionalGeneration"], model_type="llava",
+    ours = {} if cfg.chat_format == "auto" else {"nanovalor_chat_format": cfg.chat_format}  # transformers ignores it
+    return dict(**ours, architectures=["LlavaForConditionalGeneration"], model_type="llava",
                 image_token_index=cfg.image_token_id, image_seq_length=cfg.num_image_tokens,
                 projector_hidden_act="gelu", multimodal_projector_bias=cfg.projector_bias,
                 vision_feature_layer=cfg.feature_layer, vision_feature_select_strategy=cfg.feature_select,

@@ -17,9 +17,10 @@ from safetensors.torch import load_file, save_file
 from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, MistralConfig,
                           Qwen2Config, SiglipVisionConfig)
 
-from nanovalor.generate import (CHAT_FORMATS, chatml_prompt, encode_prompt, load_tokenizer, mistral_prompt,
+from nanovalor.generate import (chat_prompt, chatml_prompt, encode_prompt, load_tokenizer, mistral_prompt,
                                 vicuna_prompt)
-from nanovalor.policy import DECODER_DEFAULTS, DecoderConfig, Llava, decoder_config_from_hf, load, save
+from nanovalor.policy import (DECODER_DEFAULTS, DecoderConfig, Llava, config_from_hf, config_to_hf,
+                              decoder_config_from_hf, load, save)
 from nanovalor.policy import LlavaConfig as OurConfig
 from nanovalor.vit import VisionConfig
 
@@ -421,7 +422,20 @@ def test_chat_formats():
         ". USER: <image>\nQ? ASSISTANT:")
     assert chatml_prompt("Q?") == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
                                    "<|im_start|>user\n<image>\nQ?<|im_end|>\n<|im_start|>assistant\n")
-    assert CHAT_FORMATS == {"llama": vicuna_prompt, "mistral": mistral_prompt, "qwen2": chatml_prompt}
+    cfg = OurConfig()
+    for family, expected in (("llama", vicuna_prompt), ("mistral", mistral_prompt), ("qwen2", chatml_prompt)):
+        cfg.text.model_type = family
+        assert chat_prompt(cfg, "Q?") == expected("Q?")
+    cfg.chat_format = "short"
+    assert chat_prompt(cfg, "Q?") == "USER: <image>\nQ? ASSISTANT:"
+    cfg.chat_format = "alpaca"
+    with pytest.raises(ValueError, match="chat_format 'alpaca'"):
+        chat_prompt(cfg, "Q?")
+
+
+def test_chat_format_travels_with_the_checkpoint(tmp_path):
+    cfg = config_from_hf(config_to_hf(OurConfig(chat_format="short")), "test")
+    assert cfg.chat_format == "short" and "nanovalor_chat_format" not in config_to_hf(OurConfig())
 
 
 def test_missing_tokenizer_json_is_a_clear_error(tmp_path):
