@@ -114,6 +114,11 @@ def left_pad(prompts, pad_token_id=0):
     return ids, mask
 
 
+def encode_prompts(tokenizer, cfg, questions):
+    """Questions -> the model's chat prompts as left-padded ids (B, T) and attention mask (B, T)."""
+    return left_pad([encode_prompt(tokenizer, chat_prompt(cfg, q), cfg) for q in questions])
+
+
 # -----------------------------------------------------------------------------
 # Sampling
 

@@ -19,7 +19,13 @@ Choices that are ours, where the VALOR paper (arXiv 2512.16201; only its abstrac
 
 Nothing here runs on its own; `python -m pytest -q tests/test_grpo.py` checks every formula on hand numbers.
 """
+import copy
+
 import torch
+import torch.nn as nn
+
+from nanovalor.generate import repeat_for_group
+from nanovalor.logprobs import token_logprobs
 
 # -----------------------------------------------------------------------------
 # Advantages: rewards (B, G) -> advantages (B, G), one row per prompt group.
@@ -137,3 +143,44 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, *, eps_low=0.2, eps_
         if entropy is not None:
             stats["entropy"] = torch.where(mask, entropy, 0.0).sum() / n
     return loss, stats
+
+
+# -----------------------------------------------------------------------------
+# Teacher-forced log-probs of sampled completions: GRPO's policy and reference passes and the SFT loss share it.
+
+class CompletionLogprobs(nn.Module):
+    """policy -> per-token log-probs (and entropies) of given completions, computed from the hidden states of the
+    completion positions only with the fused LM-head op (logprobs.py), never the (N, T, V) logits.
+
+    A module of its own so that DDP and FSDP wrap the one forward every training pass goes through: their gradient
+    and resharding hooks only run on forward, and the image encoding (the projector trains in the visual stage)
+    must happen inside it."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, pixels, prompt_ids, prompt_mask, tokens, mask, group_size=1, temperature=1.0, entropy=False):
+        """pixels (n_images, 3, S, S) for B left-padded prompts (B, Tp); tokens, mask (B*G, Tc) right-padded
+        completions, rows b*G .. b*G+G-1 answering prompt b. Returns logp (B*G, Tc) fp32, 0 at padding, and with
+        entropy=True also the entropy of each position's distribution (B*G, Tc)."""
+        policy, G = self.policy, group_size
+        embeds = repeat_for_group(policy.encode_images(pixels), prompt_ids, policy.cfg, G)  # each image encoded once
+        Tp = prompt_ids.shape[1]
+        # The hidden state at position t predicts token t + 1: the last prompt position predicts the first completion
+        # token, and the last completion token predicts nothing, so it is not fed.
+        ids = torch.cat([prompt_ids.repeat_interleave(G, 0), tokens[:, :-1]], 1)  # (B*G, Tp + Tc - 1)
+        attn = torch.cat([prompt_mask.repeat_interleave(G, 0).bool(), mask[:, :-1]], 1)
+        select = torch.cat([torch.zeros_like(ids[:, :Tp - 1], dtype=torch.bool), mask], 1)
+        hidden = policy.hidden_states(ids, image_embeds=embeds, attention_mask=attn, select=select)  # (n, D)
+        weight = policy.lm_head.weight.to(hidden.dtype)  # under bf16 autocast the fp32 master weight is cast, once
+        out = token_logprobs(hidden, weight, tokens[mask], temperature, entropy)
+        scatter = lambda values: torch.zeros(mask.shape, device=mask.device).masked_scatter(mask, values)
+        return tuple(scatter(o) for o in out) if entropy else scatter(out)
+
+
+def reference_model(policy):
+    """The frozen reference policy for the KL term: it shares every frozen parameter with `policy` and copies only
+    the trainable ones, so the visual stage (projector only) pays for a copy of the projector and nothing else."""
+    shared = {id(p): p for p in policy.parameters() if not p.requires_grad}  # deepcopy returns these as they are
+    return copy.deepcopy(policy, memo=shared).requires_grad_(False).eval()

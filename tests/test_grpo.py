@@ -173,3 +173,60 @@ def test_matches_liger_grpo_loss(agg, loss_type):
     # liger accumulates its loss and gradients in float32 even for float64 inputs: compare at float32 precision
     for ours, theirs in ((loss, ref_loss), (g[0], g_ref[0]), (g[1], g_ref[1])):
         torch.testing.assert_close(ours, theirs.to(torch.float64), rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- teacher-forced log-probs, reference
+
+def tiny_policy(seed=0):
+    from nanovalor.policy import DecoderConfig, Llava, LlavaConfig
+    from nanovalor.vit import VisionConfig
+
+    torch.manual_seed(seed)
+    vision = VisionConfig(image_size=16, patch_size=8, hidden_size=24, intermediate_size=40, num_layers=2,
+                          num_heads=2)
+    text = DecoderConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=8)
+    return Llava(LlavaConfig(vision=vision, text=text, image_token_id=60, feature_layer=-1)).eval()
+
+
+def test_completion_logprobs_equal_full_logits():
+    """The fused completion-only path equals log_softmax of the model's own logits over the joined sequence."""
+    from nanovalor.generate import left_pad
+    from nanovalor.grpo import CompletionLogprobs
+
+    policy, G, T = tiny_policy(), 3, 0.7
+    prompts = [[1, 5] + [60] * 4 + [7, 8, 9], [1] + [60] * 4 + [3]]
+    prompt_ids, prompt_mask = left_pad(prompts)
+    pixels = torch.randn(2, 3, 16, 16)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 60, (2 * G, 5), generator=gen)
+    lengths = [5, 1, 3, 4, 2, 5]
+    mask = torch.arange(5)[None] < torch.tensor(lengths)[:, None]
+    logp, ent = CompletionLogprobs(policy)(pixels, prompt_ids, prompt_mask, tokens, mask, G, T, entropy=True)
+    for row in range(2 * G):
+        b = row // G
+        seq = torch.tensor(prompts[b] + tokens[row, :lengths[row]].tolist())[None]
+        logits = policy(seq, pixels[b:b + 1])[0] / T  # (len, V)
+        all_logp = torch.log_softmax(logits[len(prompts[b]) - 1:-1], -1)  # positions predicting the completion
+        expected = all_logp.gather(1, tokens[row, :lengths[row], None])[:, 0]
+        torch.testing.assert_close(logp[row, :lengths[row]], expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ent[row, :lengths[row]], -(all_logp.exp() * all_logp).sum(-1), rtol=0, atol=1e-5)
+        assert torch.all(logp[row, lengths[row]:] == 0)
+
+
+def test_reference_model_shares_frozen_and_copies_trainable():
+    from nanovalor.grpo import reference_model
+
+    policy = tiny_policy()
+    policy.requires_grad_(False)
+    policy.multi_modal_projector.requires_grad_(True)  # the visual stage trains the projector only
+    ref = reference_model(policy)
+    assert ref.vision_tower.encoder.layers[0].mlp.fc1.weight is policy.vision_tower.encoder.layers[0].mlp.fc1.weight
+    assert ref.language_model.embed_tokens.weight is policy.language_model.embed_tokens.weight
+    assert ref.multi_modal_projector.linear_1.weight is not policy.multi_modal_projector.linear_1.weight
+    assert torch.equal(ref.multi_modal_projector.linear_1.weight, policy.multi_modal_projector.linear_1.weight)
+    assert not any(p.requires_grad for p in ref.parameters())
+    assert all(p.requires_grad for p in policy.multi_modal_projector.parameters())
+    with torch.no_grad():
+        policy.multi_modal_projector.linear_1.weight.add_(1.0)  # training the policy leaves the reference as it was
+    assert not torch.equal(ref.multi_modal_projector.linear_1.weight, policy.multi_modal_projector.linear_1.weight)
