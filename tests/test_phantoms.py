@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from nanovalor import data, phantoms
+from nanovalor import data, phantom_reports, phantoms
 from nanovalor.rewards import CHEXPERT_LABELS
 
 LABEL = {name: i for i, name in enumerate(CHEXPERT_LABELS)}
@@ -79,7 +79,7 @@ def test_labels_match_findings_and_sentences():
 
 
 def test_aggregation_follows_chexpert():
-    agg = phantoms.aggregate_labels
+    agg = phantom_reports.aggregate_labels
     assert agg([{"Edema": 0}, {"Edema": -1}])[LABEL["Edema"]] == -1.0  # negative + uncertain = uncertain
     assert agg([{"Edema": 0}, {"Edema": 1}])[LABEL["Edema"]] == 1.0
     assert agg([{"Edema": -1}, {"Edema": 1}])[LABEL["Edema"]] == 1.0
@@ -92,7 +92,7 @@ def test_reports_vary_and_normal_fraction_is_in_range():
     normal = np.mean([s["labels"][-1] == 1.0 for s in studies])
     assert 0.30 <= normal <= 0.40, normal
     assert len({s["report"] for s in studies}) >= 850
-    for name, bank in phantoms.BANKS.items():
+    for name, bank in phantom_reports.BANKS.items():
         if not name.startswith("no ") and name not in ("small pneumothorax", "endotracheal tube", "enteric tube",
                                                          "central venous catheter", "pacemaker"):
             assert len(bank) >= 5, name
@@ -100,7 +100,7 @@ def test_reports_vary_and_normal_fraction_is_in_range():
     for s in studies:
         for name in s["findings"]:
             counts[name] = counts.get(name, 0) + 1
-    assert set(counts) == set(phantoms.TOPIC), counts  # every finding occurs
+    assert set(counts) == set(phantom_reports.TOPIC), counts  # every finding occurs
     co = sum("edema" in s["findings"] for s in studies if "cardiomegaly" in s["findings"]) / counts["cardiomegaly"]
     assert co > 2 * counts["edema"] / len(studies)  # priors: edema is far likelier with cardiomegaly
 
