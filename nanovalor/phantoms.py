@@ -3,10 +3,11 @@
 The embedded default dataset: every stage of nanovalor runs on a laptop with nothing downloaded. A study is a
 rendered frontal chest radiograph (body, lungs with vessel markings, heart with a cardiothoracic ratio, mediastinum,
 trachea, diaphragm domes and costophrenic angles, ribs, clavicles, noise; per-patient pose, size and exposure) with
-findings drawn in, a report written from many phrasings (phantom_reports.py), and the CheXpert-14 label vector of that report. Findings
-co-occur with clinical priors (cardiomegaly with edema and effusions, trauma with fracture and pneumothorax), so a
-model that ignores the image writes plausible but wrong findings; some are subtle (small effusion, small apical
-pneumothorax, small nodule), so looking carefully pays. The patient's right is on the image's left, as in radiology.
+findings drawn in, a report written from many phrasings (phantom_reports.py), and the CheXpert-14 label vector of
+that report. Findings co-occur with clinical priors (cardiomegaly with edema and effusions, trauma with fracture and
+pneumothorax), so a model that ignores the image writes plausible but wrong findings; some are subtle (small
+effusion, small apical pneumothorax, small nodule), so looking carefully pays. The patient's right is on the
+image's left, as in radiology.
 
     python -m nanovalor.phantoms --out data/phantoms --n_train 4000 --n_val 200 --n_test 500 --seed 0
     python -m nanovalor.phantoms --sheet docs/phantoms.png      # 16 studies captioned with their findings
