@@ -252,9 +252,10 @@ class ImageProcessing:
             raise ValueError("ImageProcessing.mean and .std need 3 values (R, G, B)")
 
 
-def read_preprocessor_config(source, pad=False) -> ImageProcessing:
+def read_preprocessor_config(source, pad=None) -> ImageProcessing:
     """ImageProcessing from a Hugging Face preprocessor_config.json (a path, its folder, or the dict), as
-    CLIPImageProcessor and SiglipImageProcessor read it. pad=True: LLaVA's image_aspect_ratio="pad"."""
+    CLIPImageProcessor and SiglipImageProcessor read it. pad=True: LLaVA's image_aspect_ratio="pad"; by default
+    the config's own "do_pad" (policy.load writes it for LLaVA checkpoints that pad)."""
     where = "preprocessor config"
     if not isinstance(source, dict):
         path = Path(source)
@@ -293,6 +294,7 @@ def read_preprocessor_config(source, pad=False) -> ImageProcessing:
     mean, std = tuple(cfg.get("image_mean", default_mean)), tuple(cfg.get("image_std", default_std))
     if cfg.get("do_normalize", True) is False:
         mean, std = (0.0,) * 3, (1.0,) * 3
+    pad = bool(cfg.get("do_pad", False)) if pad is None else pad
     return ImageProcessing(size=side, mode="pad" if pad else mode, mean=mean, std=std,
                            resample=int(cfg.get("resample", Image.Resampling.BICUBIC)),
                            resize_to=resize_to if resize_to != side else None)

@@ -172,6 +172,7 @@ def load_clip_tokenizer(folder, max_length=77):
 
 
 def _finish_tokenizer(tok, folder, max_length, pad):
+    pad = (tok.padding or {}).get("pad_token", pad)  # a tokenizer.json that sets its own padding keeps it
     if tok.token_to_id(pad) is None:
         raise ValueError(f"{folder}: the tokenizer has no padding token {pad!r}")
     # Truncation counts the post-processor's special tokens, so [SEP] / <|endoftext|> always stays the last token.
@@ -360,6 +361,16 @@ class Expert(nn.Module):
 
 FORMAT = "nanovalor-expert"
 IGNORED = re.compile(r".*embeddings\.(position_ids|token_type_ids)$")  # buffers older HF checkpoints carry
+
+
+def contrastive_loss(expert, pixel_values, input_ids, attention_mask):
+    """CLIP's symmetric InfoNCE over B matching (image, report) pairs, the other B - 1 in the batch as negatives
+    (Radford et al. 2021): how `train.py --stage expert` trains an expert for a new domain or the phantom world."""
+    images = expert.encode_images(pixel_values)  # (B, E)
+    texts = expert.encode_texts(input_ids, attention_mask)  # (B, E)
+    logits = expert.logit_scale.exp().clamp(max=100) * images @ texts.T  # (B, B); CLIP caps the scale at 100
+    target = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
 def _read_weights(path):

@@ -119,6 +119,15 @@ def encode_prompts(tokenizer, cfg, questions):
     return left_pad([encode_prompt(tokenizer, chat_prompt(cfg, q), cfg) for q in questions])
 
 
+def decode_completions(tokenizer, samples):
+    """Samples -> one string per row: the sampled tokens up to (not including) EOS."""
+    rows = []
+    for tokens, mask in zip(samples.tokens.tolist(), samples.mask.tolist()):
+        ids = [t for t, keep in zip(tokens, mask) if keep]
+        rows.append(tokenizer.decode(ids, skip_special_tokens=True).strip())  # EOS is a special token: dropped
+    return rows
+
+
 # -----------------------------------------------------------------------------
 # Sampling
 

@@ -19,11 +19,13 @@ Choices that are ours, where the VALOR paper (arXiv 2512.16201; only its abstrac
 
 Nothing here runs on its own; `python -m pytest -q tests/test_grpo.py` checks every formula on hand numbers.
 """
+import contextlib
 import copy
 
 import torch
 import torch.nn as nn
 
+from nanovalor.dist import all_sum, no_sync_unless_last
 from nanovalor.generate import repeat_for_group
 from nanovalor.logprobs import token_logprobs
 
@@ -184,3 +186,59 @@ def reference_model(policy):
     the trainable ones, so the visual stage (projector only) pays for a copy of the projector and nothing else."""
     shared = {id(p): p for p in policy.parameters() if not p.requires_grad}  # deepcopy returns these as they are
     return copy.deepcopy(policy, memo=shared).requires_grad_(False).eval()
+
+
+# -----------------------------------------------------------------------------
+# One GRPO update from a batch of rollouts.
+
+def autocast(device):
+    """bf16 autocast on CUDA (fp32 master weights, fp32 log-softmax inside token_logprobs); fp32 on CPU."""
+    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def micro_batches(n, size):
+    return [slice(i, i + size) for i in range(0, n, size)]
+
+
+def update(scorer, reference, pixels, prompt_ids, prompt_mask, tokens, mask, sampler_logp, advantages, group_size,
+           micro, world=1, temperature=1.0, mu=1, **loss_options):
+    """Accumulate the GRPO gradient of this rank's groups; the caller clips and steps the optimizer.
+
+    pixels (B, 3, S, S), prompt_ids / prompt_mask (B, Tp): B studies; tokens, mask, sampler_logp (B*G, Tc) and
+    advantages (B*G,): their G rollouts each. scorer: the policy's CompletionLogprobs (DDP / FSDP wrapped or not);
+    reference: the frozen reference policy, or None when beta = 0. Micro-batches of `micro` groups each run one
+    forward and backward; the loss is normalised by the token and sequence counts of the *global* batch (all
+    micro-batches, all ranks) and multiplied by `world` (DDP averages gradients over ranks), so any split of one
+    global batch over ranks and accumulation steps gives the same gradient. With mu > 1, the sampler's log-probs
+    are pi_old; with mu = 1, pi_old = pi (detached) and the ratio is exactly 1. Returns (stats, finite)."""
+    G, device = group_size, tokens.device
+    total_tokens, total_seqs = all_sum(mask.sum(), device), all_sum(len(mask), device)
+    parts = micro_batches(len(prompt_ids), micro)
+
+    def logprobs(module, s, entropy):  # micro-batch s: a slice of groups
+        r = slice(s.start * G, s.stop * G)
+        return module(pixels[s], prompt_ids[s], prompt_mask[s], tokens[r], mask[r], G, temperature, entropy)
+
+    ref_logp = None
+    if reference is not None:  # never wrapped: a no-grad forward needs no DDP / FSDP hooks
+        with torch.no_grad(), autocast(device):
+            ref_logp = torch.cat([logprobs(CompletionLogprobs(reference), s, False) for s in parts])
+    sums, ratio_err, finite = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0}, 0.0, True
+    for epoch in range(mu):
+        for i, s in enumerate(parts):
+            r = slice(s.start * G, s.stop * G)
+            with no_sync_unless_last(scorer, i, len(parts)), autocast(device):
+                logp, ent = logprobs(scorer, s, True)
+                old = logp.detach() if mu == 1 else sampler_logp[r]
+                loss, st = policy_loss(logp, old, None if ref_logp is None else ref_logp[r], advantages[r], mask[r],
+                                       total_tokens=total_tokens, total_seqs=total_seqs, entropy=ent.detach(),
+                                       **loss_options)
+                (loss * world).backward()
+            finite &= bool(torch.isfinite(loss))
+            sums["loss"] += float(loss) / mu
+            for k in ("kl", "clip_frac", "entropy"):  # token-weighted means over the global batch
+                sums[k] += float(st[k]) * float(st["tokens"]) / float(total_tokens) / mu
+            if epoch == 0:  # how far the trainer's log-probs are from the sampler's: 0 up to float error
+                ratio_err = max(ratio_err, float(torch.where(mask[r], (logp.detach() - sampler_logp[r]).abs(), 0).max()))
+    stats = dict(zip(sums, all_sum(list(sums.values()), device).tolist()))
+    return stats | {"ratio_err": ratio_err}, finite

@@ -403,6 +403,55 @@ def contact_sheet(path, seed=0, size=SIZE, n=16):
     _atomic_write(path, lambda file: sheet.save(file, "PNG", optimize=True))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# the phantom world's tiny models, built fresh here and trained from scratch by train.py (--stage sft, --stage expert)
+
+PREPROCESSOR = {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": SIZE},
+                "crop_size": {"height": SIZE, "width": SIZE}, "do_center_crop": True, "resample": 3,
+                "image_mean": [0.5] * 3, "image_std": [0.25] * 3}  # phantom pixels: mean ~0.45, std ~0.25
+
+
+def tiny_policy(folder):
+    """A fresh 2.9M-parameter LLaVA for the phantom world in `folder` (its tokenizer.json sets the vocabulary):
+    a 4-block CLIP-style ViT (64 patches of 16 px), the mlp2x_gelu projector and a 4-block Llama decoder (GQA)."""
+    from tokenizers import Tokenizer
+
+    from nanovalor.policy import DecoderConfig, Llava, LlavaConfig
+    from nanovalor.vit import VisionConfig
+
+    vocab = Tokenizer.from_file(str(Path(folder) / "tokenizer.json")).get_vocab_size()
+    vision = VisionConfig(image_size=SIZE, patch_size=16, hidden_size=128, intermediate_size=512, num_layers=4,
+                          num_heads=4)
+    text = DecoderConfig(model_type="llama", vocab_size=vocab, hidden_size=192, intermediate_size=512, num_layers=4,
+                         num_heads=6, num_kv_heads=2, head_dim=32)
+    model = Llava(LlavaConfig(vision=vision, text=text, image_token_id=4, feature_layer=-1, eos_token_id=[2],
+                              chat_format="short"))  # <image> = 4, </s> = 2 in train_tokenizer
+    model.source, model.preprocessor_config = str(folder), dict(PREPROCESSOR)  # save() copies tokenizer.json
+    return model
+
+
+def tiny_expert(folder):
+    """A fresh CLIP-style expert for the phantom world: a 3-block ViT and a 3-block BERT over the world's BPE
+    tokens (<s> report </s>, pooled at <s>), 64-d joint space."""
+    from tokenizers import Tokenizer, processors
+
+    from nanovalor.data import read_preprocessor_config
+    from nanovalor.expert import BertConfig, Expert, ExpertConfig
+    from nanovalor.vit import VisionConfig
+
+    tokenizer = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 1),
+                                                                                                   ("</s>", 2)])
+    tokenizer.enable_padding(pad_id=3, pad_token="<pad>")
+    tokenizer.enable_truncation(128)
+    vision = VisionConfig(image_size=SIZE, patch_size=16, hidden_size=96, intermediate_size=384, num_layers=3,
+                          num_heads=4)
+    text = BertConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=96, num_layers=3, num_heads=4,
+                      intermediate_size=384, max_position_embeddings=128, pad_token_id=3)
+    return Expert(ExpertConfig(vision=vision, text=text, embed_dim=64, context_length=128), tokenizer,
+                  read_preprocessor_config(PREPROCESSOR))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", help="folder to write the dataset to")

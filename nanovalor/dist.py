@@ -1,0 +1,74 @@
+"""The little torch.distributed that train.py needs: the same script alone, under torchrun with DDP, or with FSDP2.
+
+    python train.py ...                               # one process: every helper here is a no-op
+    torchrun --nproc_per_node=2 train.py ...          # gloo on CPU, NCCL on GPU
+"""
+import os
+from contextlib import contextmanager, nullcontext
+
+import torch
+import torch.distributed as dist
+
+
+def init():
+    """(rank, world size, device); starts the process group under torchrun (idempotent)."""
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return rank, world, torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def all_sum(x, device):
+    """A number (or list of numbers) summed over ranks, as a float64 tensor."""
+    t = torch.as_tensor(x, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def all_min(n, device):
+    """The smallest of an integer over ranks."""
+    t = torch.tensor(n, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def gather_objects(obj):
+    """[rank 0's obj, rank 1's obj, ...] on every rank."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def no_sync_unless_last(wrapped, i, n):
+    """DDP all-reduces gradients on the last of n micro-batches only (gradient accumulation)."""
+    return wrapped.no_sync() if hasattr(wrapped, "no_sync") and i < n - 1 else nullcontext()
+
+
+@contextmanager
+def gathered(module, fsdp):
+    """FSDP: all-gather the parameters once for a whole rollout, not once per decoded token, and reshard after."""
+    if not fsdp:
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.unshard()
+        m.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        for m in units:
+            m.set_reshard_after_forward(True)
+            m.reshard()

@@ -1,0 +1,87 @@
+"""Held-out evaluation of a policy: greedy reports for a split, then the metric table of radiology report
+generation (BLEU-1..4, ROUGE-L, METEOR, CIDEr-D, clinical F1) and VALOR's grounding measures (expert similarity,
+hallucination and omission rates).
+
+    metrics, reports = evaluate(policy, tokenizer, studies, expert=expert)
+    print(table({"sft": metrics}))
+
+train.py calls it before and after a stage and every eval_every steps; eval.py compares checkpoints with it.
+Tests: `python -m pytest -q tests/test_train.py`.
+"""
+import numpy as np
+import torch
+
+from nanovalor.data import DEFAULT_PROMPT, load_image, preprocess, read_preprocessor_config
+from nanovalor.generate import decode_completions, encode_prompts, sample
+from nanovalor.rewards import CHEXPERT_LABELS, corpus_metrics
+
+# (name in the table, key, format); the direction each is better in goes in the README.
+METRICS = [("BLEU-1", "bleu1"), ("BLEU-4", "bleu4"), ("ROUGE-L", "rougeL"), ("METEOR", "meteor"),
+           ("CIDEr-D", "cider"), ("F1-5 micro", "f1_micro_5"), ("F1-5 macro", "f1_macro_5"),
+           ("F1-14 micro", "f1_micro_14"), ("F1-14 macro", "f1_macro_14"), ("clinical reward", "clinical"),
+           ("expert sim", "expert_sim"), ("hallucination", "hallucination"), ("omission", "omission"),
+           ("normal share", "normal_share"), ("words", "words"), ("distinct", "distinct")]
+
+
+def images_of(policy, studies):
+    """The policy's pixels (n, 3, S, S) for the first view of each study."""
+    processing = read_preprocessor_config(policy.preprocessor_config or {})
+    return preprocess([load_image(study.images[0]) for study in studies], processing)
+
+
+@torch.no_grad()
+def greedy_reports(policy, tokenizer, studies, prompt=DEFAULT_PROMPT, batch_size=32, max_new_tokens=128):
+    """One greedy report per study (first view), batched."""
+    was_training, reports = policy.training, []
+    policy.eval()
+    device = policy.lm_head.weight.device
+    for i in range(0, len(studies), batch_size):
+        chunk = studies[i:i + batch_size]
+        ids, mask = encode_prompts(tokenizer, policy.cfg, [prompt] * len(chunk))
+        out = sample(policy, ids.to(device), mask.to(device), images_of(policy, chunk).to(device),
+                     max_new_tokens=max_new_tokens, temperature=0.0)
+        reports += decode_completions(tokenizer, out)
+    policy.train(was_training)
+    return reports
+
+
+def finding_rates(hyp_labels, ref_labels):
+    """(hallucination, omission, normal share) over the 13 findings (positive or uncertain = stated):
+    hallucination = stated findings the reference does not have / all stated findings; omission = reference
+    findings the report does not state / all reference findings; normal share = reports labelled No Finding."""
+    stated = np.array([[v in (1.0, -1.0) for v in row[:13]] for row in hyp_labels], dtype=bool).reshape(-1, 13)
+    truth = np.array([[v in (1.0, -1.0) for v in row[:13]] for row in ref_labels], dtype=bool).reshape(-1, 13)
+    hallucination = (stated & ~truth).sum() / max(1, stated.sum())
+    omission = (truth & ~stated).sum() / max(1, truth.sum())
+    normal = np.mean([row[CHEXPERT_LABELS.index("No Finding")] == 1.0 for row in hyp_labels]) if hyp_labels else 0
+    return float(hallucination), float(omission), float(normal)
+
+
+def report_metrics(reports, studies, expert=None):
+    """Every metric of METRICS for generated reports against the studies' references (and, with an expert, the
+    mean cosine similarity between each X-ray and its generated report)."""
+    m = corpus_metrics(reports, [study.report for study in studies])
+    per = m.pop("per_sample")
+    m["clinical"] = float(np.mean(per["clinical"]))
+    m["hallucination"], m["omission"], m["normal_share"] = finding_rates(per["labels_hyp"], per["labels_ref"])
+    m["words"] = float(np.mean([len(r.split()) for r in reports]))
+    m["distinct"] = len(set(reports)) / max(1, len(reports))
+    if expert is not None:
+        m["expert_sim"] = float(expert.similarity([s.images[0] for s in studies], [[r] for r in reports]).mean())
+    return m
+
+
+def evaluate(policy, tokenizer, studies, expert=None, prompt=DEFAULT_PROMPT, batch_size=32, max_new_tokens=128):
+    """Greedy reports for `studies` and their metrics: (metrics dict, reports)."""
+    reports = greedy_reports(policy, tokenizer, studies, prompt, batch_size, max_new_tokens)
+    return report_metrics(reports, studies, expert), reports
+
+
+def table(rows):
+    """{run name: metrics} -> a markdown table, one column per metric present in every row."""
+    keys = [(name, key) for name, key in METRICS if all(key in m for m in rows.values())]
+    lines = ["| run | " + " | ".join(name for name, _ in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for run, m in rows.items():
+        lines.append(f"| {run} | " + " | ".join(f"{m[key]:.4f}" if key != "words" else f"{m[key]:.1f}"
+                                                for _, key in keys) + " |")
+    return "\n".join(lines)
