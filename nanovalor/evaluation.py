@@ -8,6 +8,9 @@ hallucination and omission rates).
 train.py calls it before and after a stage and every eval_every steps; eval.py compares checkpoints with it.
 Tests: `python -m pytest -q tests/test_train.py`.
 """
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -16,11 +19,23 @@ from nanovalor.generate import decode_completions, encode_prompts, sample
 from nanovalor.rewards import CHEXPERT_LABELS, corpus_metrics
 
 # (name in the table, key, format); the direction each is better in goes in the README.
-METRICS = [("BLEU-1", "bleu1"), ("BLEU-4", "bleu4"), ("ROUGE-L", "rougeL"), ("METEOR", "meteor"),
-           ("CIDEr-D", "cider"), ("F1-5 micro", "f1_micro_5"), ("F1-5 macro", "f1_macro_5"),
+METRICS = [("BLEU-1", "bleu1"), ("BLEU-2", "bleu2"), ("BLEU-3", "bleu3"), ("BLEU-4", "bleu4"), ("ROUGE-L", "rougeL"),
+           ("METEOR", "meteor"), ("CIDEr-D", "cider"), ("F1-5 micro", "f1_micro_5"), ("F1-5 macro", "f1_macro_5"),
            ("F1-14 micro", "f1_micro_14"), ("F1-14 macro", "f1_macro_14"), ("clinical reward", "clinical"),
            ("expert sim", "expert_sim"), ("hallucination", "hallucination"), ("omission", "omission"),
            ("normal share", "normal_share"), ("words", "words"), ("distinct", "distinct")]
+
+
+def training_config(folder):
+    """The train.py config a checkpoint was trained with (train_config.json beside its weights), {} if absent:
+    sample.py and eval.py take the training prompt from it, eval.py the config difference of a results row."""
+    path = Path(folder) / "train_config.json"
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not readable JSON ({e})") from None
 
 
 def images_of(policy, studies):
