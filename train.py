@@ -45,6 +45,7 @@ class Config:
     expert: str = ""  # the frozen expert (visual stage; expert similarity in evaluation); "": out/expert/checkpoint
     train: str = ""  # what trains: "" = the stage's default, or "all" / comma-separated names from TRAINABLE
     resume: bool = False  # continue out/<stage>/checkpoint exactly
+    stop_after: int = 0  # end this run after this many steps, saving (a time-limited job); 0: run to `steps`
     seed: int = 0
     steps: int = 0  # 0: the stage's default (STAGES)
     batch_size: int = 0  # studies per optimizer step, all ranks together; 0: the stage's default
@@ -228,14 +229,15 @@ def main(cfg):
         state = dict(step=step, optimizer=optimizer.state_dict(), data=batches.state_dict(),
                      torch_rng=torch.get_rng_state(), counters=counters)
         target = model
-        if fsdp:  # gather the full weights and optimizer state (on CPU) into an unsharded copy of the model
+        if fsdp:  # gather the full weights and optimizer state to rank 0's CPU, into an unsharded copy of the model
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
             sd, state["optimizer"] = get_state_dict(wrapped, optimizer, options=StateDictOptions(
                 full_state_dict=True, cpu_offload=True))
-            with torch.device("meta"):
-                target = policies.Llava(model.cfg)
-            target.load_state_dict({k.removeprefix("policy."): v for k, v in sd.items()}, assign=True)
-            target.source, target.preprocessor_config = model.source, model.preprocessor_config
+            if rank == 0:
+                with torch.device("meta"):
+                    target = policies.Llava(model.cfg)
+                target.load_state_dict({k.removeprefix("policy."): v for k, v in sd.items()}, assign=True)
+                target.source, target.preprocessor_config = model.source, model.preprocessor_config
         if rank == 0:
             write = experts.save if cfg.stage == "expert" else policies.save
             checkpoint.save(run / "checkpoint", lambda path: write(target, path), state, asdict(cfg))
@@ -243,6 +245,8 @@ def main(cfg):
 
     def held_out(name, split):
         """Greedy reports on `split`, each rank a shard; the metrics table on rank 0."""
+        if not split:
+            return None
         if cfg.stage == "expert":
             return expert_metrics(model, split, processing) if rank == 0 else None
         with dist.gathered(wrapped, fsdp):
@@ -266,8 +270,9 @@ def main(cfg):
             except ImportError:
                 print("wandb is not installed: logging to metrics.jsonl only")
     t_start, start_step = time.time(), step
+    end = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps
 
-    while step < cfg.steps:
+    while step < end:
         t0 = time.time()
         chunk = next(iter(batches), None) or next(iter(batches))  # at the end of an epoch the next one starts
         for group in optimizer.param_groups:
@@ -307,8 +312,11 @@ def main(cfg):
                 wandb.log(stats, step=step)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             held_out(f"{cfg.stage} step {step}, val", val)
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+        if (cfg.save_every and step % cfg.save_every == 0) or step == end:
             save()
+    if step < cfg.steps:
+        print0(rank, f"stopped after step {step} (--stop_after); continue with --resume: {run / 'checkpoint'}")
+        return None
 
     after = held_out(f"{cfg.stage} end, test", test)
     if rank == 0 and before is not None:

@@ -62,7 +62,10 @@ def gathered(module, fsdp):
         yield
         return
     from torch.distributed.fsdp import FSDPModule
-    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]  # the root first
+    # FSDP decides which unit is the root lazily, at the first forward; here the decoder blocks run before the root
+    # ever has, so make the root claim that role first (else each block would take itself for a root).
+    units[0]._get_fsdp_state()._lazy_init()
     for m in units:
         m.unshard()
         m.set_reshard_after_forward(False)

@@ -235,7 +235,7 @@ def update(scorer, reference, pixels, prompt_ids, prompt_mask, tokens, mask, sam
                                        **loss_options)
                 (loss * world).backward()
             finite &= bool(torch.isfinite(loss))
-            sums["loss"] += float(loss) / mu
+            sums["loss"] += loss.item() / mu
             for k in ("kl", "clip_frac", "entropy"):  # token-weighted means over the global batch
                 sums[k] += float(st[k]) * float(st["tokens"]) / float(total_tokens) / mu
             if epoch == 0:  # how far the trainer's log-probs are from the sampler's: 0 up to float error
