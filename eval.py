@@ -1,43 +1,183 @@
-"""Evaluate generated chest X-ray reports: the metric table of radiology report generation papers.
+"""Evaluate chest X-ray reports: the metric table of radiology report generation papers, for checkpoints or files.
 
+    python eval.py --model out/sft/checkpoint --model out/text/checkpoint --model out/visual/checkpoint --split test
+    python eval.py --model DIR --data iu_xray/annotation.json --expert BIOMEDCLIP_DIR --n 500 --results results.md
     python eval.py --hyps generated.txt --refs references.txt [--json scores.json] [--style coco|r2gen]
 
-One report per line in each file (UTF-8, same number of lines; an empty line is an empty report). Prints corpus
-BLEU-1..4, ROUGE-L, METEOR, CIDEr-D (pycocoevalcap's numbers on clean_report tokens; METEOR with exact + stem
-matching only) and clinical F1 (CheXpert-14 rule labeler, uncertain = positive, micro / macro over the 5
-competition observations and all 14); --json also writes every sample's values and labels.
-"""
-import argparse
-import json
+--model (once per checkpoint): greedy reports for the first view of every study of --split (the first --n; default
+data: the phantom world train.py builds, out/phantoms/annotation.json), with the prompt and report length cap each
+checkpoint was trained with (its train_config.json) unless --prompt / --max_new_tokens say otherwise. Prints the
+markdown table of evaluation.METRICS, one row per model: BLEU-1..4, ROUGE-L, METEOR, CIDEr-D, clinical F1,
+hallucination and omission rates, mean length, distinct reports, and the expert's X-ray-report similarity when an
+expert is given (default: <out>/expert/checkpoint when --data is a phantom world <out>/phantoms/annotation.json and
+that expert exists; --expert none: no expert). --json writes the metrics, the config and every report per model.
+Each model also appends one row to --results (default results.jsonl here; a .md file gets markdown rows): date, git
+commit (short hash, "-dirty" when tracked files differ from it), model, split, n, the train.py settings that differ
+from train.py's defaults for that stage (from train_config.json; stage always given), and the metrics.
 
+--hyps / --refs: one report per line in each file (UTF-8, same number of lines; an empty line is an empty report).
+Prints corpus BLEU-1..4, ROUGE-L, METEOR, CIDEr-D (pycocoevalcap's numbers on clean_report tokens; METEOR with exact
++ stem matching only) and clinical F1 (CheXpert-14 rule labeler, uncertain = positive, micro / macro over the 5
+competition observations and all 14); --json also writes every sample's values and labels.
+
+Tests: python -m pytest -q tests/test_scripts.py tests/test_rewards.py
+"""
+import datetime
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from nanovalor import expert as experts
+from nanovalor import policy as policies
+from nanovalor.config import parse
+from nanovalor.data import DEFAULT_PROMPT, read_dataset
+from nanovalor.evaluation import METRICS, evaluate, table, training_config
+from nanovalor.generate import load_tokenizer
 from nanovalor.rewards import corpus_metrics, read_lines, write_atomic
 
 ROWS = [("BLEU-1", "bleu1"), ("BLEU-2", "bleu2"), ("BLEU-3", "bleu3"), ("BLEU-4", "bleu4"), ("ROUGE-L", "rougeL"),
         ("METEOR (exact+stem)", "meteor"), ("CIDEr-D", "cider"), ("F1-5 micro", "f1_micro_5"),
         ("F1-5 macro", "f1_macro_5"), ("F1-14 micro", "f1_micro_14"), ("F1-14 macro", "f1_macro_14")]
+ROOT = Path(__file__).resolve().parent
 
-parser = argparse.ArgumentParser(description="metric table of generated reports against references")
-parser.add_argument("--hyps", required=True, help="generated reports, one per line")
-parser.add_argument("--refs", required=True, help="reference reports, one per line")
-parser.add_argument("--json", help="write corpus and per-sample values here")
-parser.add_argument("--style", default="coco", choices=["coco", "r2gen"],
-                    help="text normalisation before the NLG metrics (r2gen: periods are tokens)")
-args = parser.parse_args()
 
-hyps, refs = read_lines(args.hyps), read_lines(args.refs)
-if len(hyps) != len(refs):
-    raise SystemExit(f"error: {args.hyps} has {len(hyps)} lines but {args.refs} has {len(refs)}: "
-                     "expected one report per line in both, in the same order")
-if not hyps:
-    raise SystemExit(f"error: {args.hyps} is empty: expected one report per line")
+@dataclass
+class Config:
+    model: list[str] = field(default_factory=list)  # policy checkpoints (folders or hub ids): one table row each
+    split: str = "test"
+    data: str = "out/phantoms/annotation.json"  # annotation.json or .jsonl (a .jsonl file is one split)
+    image_root: str = ""  # "": images/ next to the annotation file
+    expert: str = ""  # "": the phantom world's expert when there is one; "none": no expert similarity
+    n: int = 0  # evaluate the first n studies of the split; 0: all
+    prompt: str = ""  # "": each checkpoint's training prompt (train_config.json), else data.DEFAULT_PROMPT
+    max_new_tokens: int = 0  # 0: each checkpoint's training max_new_tokens, else 128
+    batch_size: int = 32
+    json: str = ""  # write the metrics (and reports, or per-sample values) here
+    results: str = "results.jsonl"  # append one row per model (.jsonl: JSON objects; .md: markdown table rows)
+    device: str = ""  # "": cuda when available, else cpu
+    hyps: str = ""  # the file mode: generated reports, one per line ...
+    refs: str = ""  # ... and the references, line by line
+    style: str = "coco"  # file mode: text normalisation before the NLG metrics (r2gen: periods are tokens)
 
-metrics = corpus_metrics(hyps, refs, style=args.style)
-print(f"{len(hyps)} reports, {args.hyps} vs {args.refs} (style {args.style})")
-print(f"{'metric':<20} {'value':>8}")
-for name, key in ROWS:
-    print(f"{name:<20} {metrics[key]:>8.4f}")
 
-if args.json:
-    record = dict(hyps=args.hyps, refs=args.refs, style=args.style, n=len(hyps), **metrics)
-    write_atomic(args.json, lambda f: json.dump(record, f, indent=1))
-    print(f"per-sample values -> {args.json}")
+def checked(fn, *args, **kwargs):
+    """fn(*args): bad input (a missing file, a malformed checkpoint or dataset) ends the script with its message."""
+    try:
+        return fn(*args, **kwargs)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def files_mode(cfg):
+    if not (cfg.hyps and cfg.refs) or cfg.model:
+        raise SystemExit("error: the file mode takes --hyps H and --refs R (and no --model)")
+    if cfg.style not in ("coco", "r2gen"):
+        raise SystemExit(f"error: --style={cfg.style}: expected coco or r2gen")
+    hyps, refs = read_lines(cfg.hyps), read_lines(cfg.refs)
+    if len(hyps) != len(refs):
+        raise SystemExit(f"error: {cfg.hyps} has {len(hyps)} lines but {cfg.refs} has {len(refs)}: "
+                         "expected one report per line in both, in the same order")
+    if not hyps:
+        raise SystemExit(f"error: {cfg.hyps} is empty: expected one report per line")
+    metrics = corpus_metrics(hyps, refs, style=cfg.style)
+    print(f"{len(hyps)} reports, {cfg.hyps} vs {cfg.refs} (style {cfg.style})")
+    print(f"{'metric':<20} {'value':>8}")
+    for name, key in ROWS:
+        print(f"{name:<20} {metrics[key]:>8.4f}")
+    if cfg.json:
+        record = dict(hyps=cfg.hyps, refs=cfg.refs, style=cfg.style, n=len(hyps), **metrics)
+        write_atomic(cfg.json, lambda f: json.dump(record, f, indent=1))
+        print(f"per-sample values -> {cfg.json}")
+
+
+def git_commit():
+    """The short hash of the code's commit, "-dirty" when tracked files differ from it ("unknown" outside git)."""
+    try:
+        git = lambda *a: subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True, check=True)
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return git("rev-parse", "--short", "HEAD").stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def config_diff(saved):
+    """train.py settings (a saved train_config.json) that differ from its defaults for that stage, stage first."""
+    if not saved:
+        return {}
+    import train  # train.py, beside this script: its Config defaults and per-stage defaults
+    stage = saved.get("stage", train.Config.stage)
+    defaults = asdict(train.Config(stage=stage)) | train.STAGES.get(stage, {})
+    return {"stage": stage} | {k: v for k, v in saved.items() if k not in defaults or defaults[k] != v}
+
+
+def append_result(path, row):
+    """One row, appended in a single write (.md: a table with the header once, every METRICS column, - if absent)."""
+    path = Path(path)
+    if path.suffix == ".md":
+        head = ["date", "commit", "model", "split", "n", "config"] + [name for name, _ in METRICS]
+        cells = [row["date"], row["commit"], row["model"], row["split"], row["n"], json.dumps(row["config"])]
+        cells += [f"{row['metrics'][k]:.4f}" if k in row["metrics"] else "-" for _, k in METRICS]
+        line = "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |\n"
+        if not path.exists() or path.stat().st_size == 0:
+            line = "| " + " | ".join(head) + " |\n" + "|---" * len(head) + "|\n" + line
+    else:
+        line = json.dumps(row) + "\n"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line)
+
+
+def models_mode(cfg):
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if len(set(cfg.model)) < len(cfg.model):
+        raise SystemExit(f"error: --model given twice with the same checkpoint: {cfg.model}")
+    for name in cfg.model:  # every checkpoint is there before the first is evaluated
+        checked(policies.resolve, name)
+    studies = checked(read_dataset, cfg.data, cfg.split, cfg.image_root or None)[:cfg.n or None]
+    if not studies:
+        raise SystemExit(f"error: {cfg.data}: no studies in split {cfg.split!r}")
+    expert_path = cfg.expert
+    world = Path(cfg.data).parent
+    if not expert_path and world.name == "phantoms" and (world.parent / "expert" / "checkpoint").exists():
+        expert_path = str(world.parent / "expert" / "checkpoint")
+    expert = checked(experts.load, expert_path, device) if expert_path not in ("", "none") else None
+    print(f"{cfg.split} split of {cfg.data}: {len(studies)} studies; expert: {expert_path or 'none'}", file=sys.stderr)
+
+    rows, record = {}, dict(data=cfg.data, split=cfg.split, n=len(studies), expert=expert_path, models={})
+    for name in cfg.model:
+        start = time.time()
+        model = checked(policies.load, name, device=device)
+        tok = checked(load_tokenizer, model.source)
+        trained = checked(training_config, model.source)
+        prompt = cfg.prompt or trained.get("prompt", DEFAULT_PROMPT)
+        cap = cfg.max_new_tokens or trained.get("max_new_tokens", 128)
+        rows[name], reports = evaluate(model, tok, studies, expert, prompt, cfg.batch_size, cap)
+        print(f"{name}: {len(studies)} reports in {time.time() - start:.1f} s", file=sys.stderr)
+        row = dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), commit=git_commit(),
+                   model=name, split=cfg.split, n=len(studies), data=cfg.data, config=config_diff(trained),
+                   metrics=rows[name])
+        append_result(cfg.results, row)
+        record["models"][name] = dict(metrics=rows[name], config=row["config"], prompt=prompt, max_new_tokens=cap,
+                                      reports=[dict(id=s.id, report=r, reference=s.report)
+                                               for s, r in zip(studies, reports)])
+        del model
+    print(table(rows))
+    print(f"{len(rows)} row(s) -> {cfg.results}", file=sys.stderr)
+    if cfg.json:
+        write_atomic(cfg.json, lambda f: json.dump(record, f, indent=1))
+        print(f"metrics and reports -> {cfg.json}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    config = checked(parse, Config)
+    if config.hyps or config.refs:
+        files_mode(config)
+    elif config.model:
+        models_mode(config)
+    else:
+        raise SystemExit("error: give --model DIR (one or more) and --split, or --hyps H --refs R; see eval.py's "
+                         "docstring")
