@@ -5,7 +5,8 @@
     python sample.py --model microsoft/llava-med-v1.5-mistral-7b --image a.png --temperature 0.7 --seed 1
 
 Prints one "<image>: <report>" line per image on stdout (greedy by default; --temperature > 0 samples, seeded by
---seed). The prompt is the one the checkpoint was trained with (its train_config.json), unless --prompt is given.
+--seed). The prompt and the length cap are those the checkpoint was trained with (its train_config.json), unless
+--prompt / --max_new_tokens say otherwise.
 
 --heatmap OUT.png writes one PNG with a panel per image, side by side, each the X-ray as the model sees it (resized
 and cropped by its preprocessing: S x S pixels, S = the ViT's image_size) coloured by the decoder's attention from
@@ -40,7 +41,7 @@ class Config:
     model: str = ""  # a policy checkpoint folder (train.py's out/<stage>/checkpoint) or hub id
     image: list[str] = field(default_factory=list)  # X-ray files; give --image once per image
     prompt: str = ""  # "": the prompt the checkpoint was trained with, else data.DEFAULT_PROMPT
-    max_new_tokens: int = 128
+    max_new_tokens: int = 0  # 0: the checkpoint's training max_new_tokens, else 128
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     seed: int = 0
@@ -123,13 +124,15 @@ def main(cfg):
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = checked(policies.load, cfg.model, device=device)
     tok = checked(load_tokenizer, model.source)
-    prompt = cfg.prompt or checked(training_config, model.source).get("prompt", DEFAULT_PROMPT)
+    trained = checked(training_config, model.source)  # {} for a checkpoint not written by train.py
+    prompt = cfg.prompt or trained.get("prompt", DEFAULT_PROMPT)
+    cap = cfg.max_new_tokens or trained.get("max_new_tokens", 128)
     processing = checked(read_preprocessor_config, model.preprocessor_config or {})
     pixels = preprocess(images, processing).to(device)  # (n, 3, S, S)
     prompts = [encode_prompt(tok, chat_prompt(model.cfg, prompt), model.cfg)] * len(images)
     ids, mask = left_pad(prompts)  # the same prompt for each image: no padding, in fact
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    out = sample(model, ids.to(device), mask.to(device), pixels, max_new_tokens=cfg.max_new_tokens,
+    out = sample(model, ids.to(device), mask.to(device), pixels, max_new_tokens=cap,
                  temperature=cfg.temperature, top_p=cfg.top_p, generator=generator)
     for path, report in zip(cfg.image, decode_completions(tok, out)):
         print(f"{path}: {report}", flush=True)

@@ -24,6 +24,7 @@ from nanovalor.evaluation import METRICS, evaluate, greedy_reports
 from nanovalor.generate import chat_prompt, encode_prompt, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "Report the findings."  # the prompt the "text" checkpoint was trained with: eval.py must use it
 
 
 def script(name):
@@ -64,7 +65,7 @@ def world(tmp_path_factory):
     policy.save(tiny_policy(out / "phantoms", 0), out / "sft" / "checkpoint")
     policy.save(tiny_policy(out / "phantoms", 1), out / "text" / "checkpoint")
     train = script("train.py")
-    cfg = train.Config(stage="text", lr=3e-5, group_size=4)  # then filled in as train.prepare() does
+    cfg = train.Config(stage="text", lr=3e-5, group_size=4, prompt=PROMPT)  # then filled in as train.prepare() does
     cfg = replace(cfg, **{k: train.STAGES["text"][k] for k in ("steps", "batch_size", "train")})
     (out / "text" / "checkpoint" / "train_config.json").write_text(json.dumps(asdict(cfg)))
     torch.manual_seed(2)
@@ -186,10 +187,11 @@ def test_eval_models_table_json_and_results_rows(world, tmp_path):
     expert = experts.load(world / "expert" / "checkpoint")
     table = out.splitlines()
     assert table[0].startswith("| run | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 |") and "| expert sim |" in table[0]
-    for row, folder in zip(table[2:], models):
+    for row, folder, prompt in zip(table[2:], models, [DEFAULT_PROMPT, PROMPT]):
         model = policy.load(folder)
-        metrics, reports = evaluate(model, load_tokenizer(folder), studies, expert, max_new_tokens=8)
+        metrics, reports = evaluate(model, load_tokenizer(folder), studies, expert, prompt, max_new_tokens=8)
         record = saved["models"][str(folder)]
+        assert record["prompt"] == prompt and record["max_new_tokens"] == 8
         assert [r["report"] for r in record["reports"]] == reports
         assert record["metrics"] == pytest.approx(metrics, rel=1e-6, abs=1e-9)
         cells = [c.strip() for c in row.strip("|").split("|")]
@@ -203,7 +205,7 @@ def test_eval_models_table_json_and_results_rows(world, tmp_path):
         assert row["model"] == str(folder) and row["split"] == "test" and row["n"] == 4 and row["date"][:2] == "20"
         assert row["metrics"] == saved["models"][str(folder)]["metrics"]
     assert rows[1]["config"] == {}  # no train_config.json beside the first checkpoint
-    assert rows[2]["config"] == {"stage": "text", "lr": 3e-5, "group_size": 4}  # the stage's own defaults left out
+    assert rows[2]["config"] == {"stage": "text", "lr": 3e-5, "group_size": 4, "prompt": PROMPT}  # not steps etc.
 
 
 def test_eval_results_markdown_rows(tmp_path):
