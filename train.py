@@ -8,13 +8,13 @@
     torchrun --nproc_per_node=8 train.py --stage text --model=microsoft/llava-med-v1.5-mistral-7b \\
         --data=iu_xray/annotation.json --expert=microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224 --lr=1e-6
 
-Stages. sft: teacher-forced report likelihood (projector + LLM; the whole model for the phantom world, which starts
-from random weights). expert: CLIP's contrastive loss on (X-ray, report) pairs. text: G sampled reports per study,
-rewarded by NLG + clinical metrics against the reference (rewards.py), z-scored in the group, one clipped + KL GRPO
-update (grpo.py); LLM + projector train. visual: the same, but rewarded by the frozen expert's X-ray-report
-similarity, rank-normalised in the group, and only the projector trains. Every option is a field of Config
-(--field=value). One process, or torchrun: DDP, or --fsdp (FSDP2, one shard unit per decoder block); rank 0 logs
-and saves; `--resume` continues out/<stage>/checkpoint exactly.
+Stages. expert: CLIP's contrastive loss on (X-ray, report) pairs. sft: teacher-forced report likelihood (projector +
+LLM; in the phantom world on a ViT copied from the phantom expert, as LLaVA starts from a CLIP ViT). text: G sampled
+reports per study, rewarded by NLG + clinical metrics against the reference (rewards.py), z-scored in the group, one
+clipped + KL GRPO update (grpo.py); LLM + projector train. visual: the same, but rewarded by the frozen expert's
+X-ray-report similarity, rank-normalised in the group, and only the projector trains. Every option is a field of
+Config (--field=value). One process, or torchrun: DDP, or --fsdp (FSDP2, one shard unit per decoder block); rank 0
+logs and saves; `--resume` continues out/<stage>/checkpoint exactly.
 """
 import json
 import math
@@ -52,7 +52,7 @@ class Config:
     micro_batch: int = 0  # studies per forward on one rank (gradient accumulation); 0: all of the rank's at once
     lr: float = 0.0  # 0: the stage's default (for the phantom world's tiny models; 7B models want ~1e-6)
     schedule: str = "cosine"  # cosine | constant, after `warmup` linear steps
-    warmup: int = 5
+    warmup: int = -1  # linear warmup steps; -1: the stage's default
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     group_size: int = 8  # G: samples per study
@@ -84,10 +84,10 @@ class Config:
 
 
 STAGES = {  # the defaults where Config says 0 / "": sized for the phantom world on a laptop CPU
-    "sft": dict(steps=600, batch_size=16, lr=1e-3, train="multi_modal_projector,language_model,lm_head"),
-    "expert": dict(steps=300, batch_size=64, lr=1e-3, train="all"),
-    "text": dict(steps=60, batch_size=8, lr=2e-5, train="multi_modal_projector,language_model,lm_head"),
-    "visual": dict(steps=60, batch_size=8, lr=1e-4, train="multi_modal_projector"),
+    "sft": dict(steps=500, batch_size=16, lr=1e-3, warmup=30, train="multi_modal_projector,language_model,lm_head"),
+    "expert": dict(steps=1500, batch_size=32, lr=1e-3, warmup=30, train="all"),
+    "text": dict(steps=60, batch_size=8, lr=1e-4, warmup=5, train="multi_modal_projector,language_model,lm_head"),
+    "visual": dict(steps=60, batch_size=8, lr=1e-4, warmup=5, train="multi_modal_projector"),
 }
 TRAINABLE = ("vision_tower", "multi_modal_projector", "language_model", "lm_head")
 
@@ -104,6 +104,7 @@ def prepare(cfg, rank):
     d, out, phantom = STAGES[cfg.stage], Path(cfg.out), not cfg.data
     cfg = replace(cfg, steps=cfg.steps or d["steps"], batch_size=cfg.batch_size or d["batch_size"],
                   lr=cfg.lr or d["lr"], train=cfg.train or d["train"],
+                  warmup=d["warmup"] if cfg.warmup < 0 else cfg.warmup,
                   advantage=cfg.advantage or ("rank" if cfg.stage == "visual" else "zscore"))
     if phantom:
         world = out / "phantoms"
@@ -113,8 +114,6 @@ def prepare(cfg, rank):
                 phantoms.generate(world, cfg.phantom_train, cfg.phantom_val, cfg.phantom_test, seed=0)
             dist.barrier()
         cfg = replace(cfg, data=str(world / "annotation.json"))
-        if cfg.stage == "sft" and not cfg.model:
-            cfg = replace(cfg, train="all")  # the tiny phantom policy starts from random weights, its ViT too
     warm = {"text": out / "sft" / "checkpoint", "visual": out / "text" / "checkpoint"}.get(cfg.stage)
     if warm and not cfg.model:
         if not warm.exists() and not (phantom and cfg.stage == "text"):
@@ -122,13 +121,13 @@ def prepare(cfg, rank):
             raise SystemExit(f"{warm}: missing; run `python train.py --stage {previous}` first, or give --model")
         if not warm.exists():
             print0(rank, f"no SFT warm start in {warm}: training it first (python train.py --stage sft)")
-            main(Config(stage="sft", out=cfg.out, seed=cfg.seed, data=cfg.data, image_root=cfg.image_root))
+            main(Config(stage="sft", out=cfg.out, seed=cfg.seed))  # on the phantom world
         cfg = replace(cfg, model=str(warm))
     if cfg.stage != "expert" and not cfg.expert:
         path = out / "expert" / "checkpoint"
-        if not path.exists() and phantom and cfg.stage != "sft":
+        if not path.exists() and phantom:  # the phantom policy's ViT starts as the expert's, as LLaVA's from CLIP
             print0(rank, f"no expert in {path}: training it first (python train.py --stage expert)")
-            main(Config(stage="expert", out=cfg.out, seed=cfg.seed, data=cfg.data, image_root=cfg.image_root))
+            main(Config(stage="expert", out=cfg.out, seed=cfg.seed))
         if not path.exists() and cfg.stage == "visual":
             raise SystemExit(f"{path}: missing; the visual stage needs --expert (e.g. "
                              "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224)")
@@ -183,8 +182,11 @@ def main(cfg):
         model = experts.load(cfg.model) if cfg.model else phantoms.tiny_expert(Path(cfg.data).parent)
         processing = model.processing
     else:
-        fresh = cfg.stage == "sft" and not cfg.model
-        model = phantoms.tiny_policy(Path(cfg.data).parent) if fresh else policies.load(cfg.model, torch.float32)
+        if cfg.stage == "sft" and not cfg.model:  # the phantom world: a fresh tiny policy on the expert's ViT
+            vit = experts.load(cfg.expert).visual if cfg.expert else None
+            model = phantoms.tiny_policy(Path(cfg.data).parent, vit)
+        else:
+            model = policies.load(cfg.model, torch.float32)
         processing = read_preprocessor_config(model.preprocessor_config or {})
         tok = load_tokenizer(model.source)
     model.to(device).train()
@@ -360,10 +362,9 @@ def grpo_step(cfg, model, wrapped, reference, expert, tok, chunk, batch, pixels,
     texts = decode_completions(tok, samples)  # (B*G,), rows b*G .. b*G+G-1 for study b
     text_r, parts = text_reward(texts, [r for r in batch["reports"] for _ in range(G)], weights, cider)
     text_r = torch.as_tensor(text_r).view(B, G)
+    rewards = text_r
     if cfg.stage == "visual":  # no reference report: the frozen expert scores each report against its X-ray
         rewards = expert.similarity([s.images[0] for s in chunk], [texts[b * G:(b + 1) * G] for b in range(B)])
-    else:
-        rewards = text_r
     adv = grpo.group_advantages(rewards, cfg.advantage, text_r, cfg.text_weight if cfg.stage == "visual" else 0)
     zero_var = rewards.max(1).values == rewards.min(1).values  # (B,): nothing to learn from these groups
     keep = torch.arange(B)
@@ -371,7 +372,8 @@ def grpo_step(cfg, model, wrapped, reference, expert, tok, chunk, batch, pixels,
         keep = torch.nonzero(~zero_var).flatten()
         keep = keep[:dist.all_min(len(keep), device)]
     labels = label_reports(texts)
-    stats = {"reward": float(rewards.mean())} | {k: float(v.mean()) for k, v in parts.items()} | {
+    stats = {"reward": float(rewards.mean()), "text_reward": float(text_r.mean())} | {
+        k: float(v.mean()) for k, v in parts.items()} | {
         "zero_var": float(zero_var.float().mean()), "length": float(samples.mask.sum(1).float().mean()),
         "normal": float(np.mean([lab[13] == 1.0 for lab in labels]))}
     stats = dict(zip(stats, (dist.all_sum(list(stats.values()), device) / world).tolist()))  # global means

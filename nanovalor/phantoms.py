@@ -411,44 +411,49 @@ PREPROCESSOR = {"image_processor_type": "CLIPImageProcessor", "size": {"shortest
                 "image_mean": [0.5] * 3, "image_std": [0.25] * 3}  # phantom pixels: mean ~0.45, std ~0.25
 
 
-def tiny_policy(folder):
-    """A fresh 2.9M-parameter LLaVA for the phantom world in `folder` (its tokenizer.json sets the vocabulary):
-    a 4-block CLIP-style ViT (64 patches of 16 px), the mlp2x_gelu projector and a 4-block Llama decoder (GQA)."""
+def _vision():
+    """The phantom world's ViT (the expert's image tower, and the policy's once copied from it): 3 CLIP-style blocks
+    over 64 patches of 16 px."""
+    from nanovalor.vit import VisionConfig
+    return VisionConfig(image_size=SIZE, patch_size=16, hidden_size=96, intermediate_size=384, num_layers=3,
+                        num_heads=4)
+
+
+def tiny_policy(folder, vision_tower=None):
+    """A fresh 2.5M-parameter LLaVA for the phantom world in `folder` (its tokenizer.json sets the vocabulary): the
+    phantom ViT, the mlp2x_gelu projector and a 4-block Llama decoder (GQA). As LLaVA starts from a contrastively
+    trained CLIP ViT, give `vision_tower` (a trained phantom expert's `visual`) to copy its weights in."""
     from tokenizers import Tokenizer
 
     from nanovalor.policy import DecoderConfig, Llava, LlavaConfig
-    from nanovalor.vit import VisionConfig
 
     vocab = Tokenizer.from_file(str(Path(folder) / "tokenizer.json")).get_vocab_size()
-    vision = VisionConfig(image_size=SIZE, patch_size=16, hidden_size=128, intermediate_size=512, num_layers=4,
-                          num_heads=4)
     text = DecoderConfig(model_type="llama", vocab_size=vocab, hidden_size=192, intermediate_size=512, num_layers=4,
                          num_heads=6, num_kv_heads=2, head_dim=32)
-    model = Llava(LlavaConfig(vision=vision, text=text, image_token_id=4, feature_layer=-1, eos_token_id=[2],
+    model = Llava(LlavaConfig(vision=_vision(), text=text, image_token_id=4, feature_layer=-1, eos_token_id=[2],
                               chat_format="short"))  # <image> = 4, </s> = 2 in train_tokenizer
+    if vision_tower is not None:
+        model.vision_tower.load_state_dict(vision_tower.state_dict())
     model.source, model.preprocessor_config = str(folder), dict(PREPROCESSOR)  # save() copies tokenizer.json
     return model
 
 
 def tiny_expert(folder):
-    """A fresh CLIP-style expert for the phantom world: a 3-block ViT and a 3-block BERT over the world's BPE
+    """A fresh CLIP-style expert for the phantom world: the phantom ViT and a 3-block BERT over the world's BPE
     tokens (<s> report </s>, pooled at <s>), 64-d joint space."""
     from tokenizers import Tokenizer, processors
 
     from nanovalor.data import read_preprocessor_config
     from nanovalor.expert import BertConfig, Expert, ExpertConfig
-    from nanovalor.vit import VisionConfig
 
     tokenizer = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
     tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 1),
                                                                                                    ("</s>", 2)])
     tokenizer.enable_padding(pad_id=3, pad_token="<pad>")
     tokenizer.enable_truncation(128)
-    vision = VisionConfig(image_size=SIZE, patch_size=16, hidden_size=96, intermediate_size=384, num_layers=3,
-                          num_heads=4)
     text = BertConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=96, num_layers=3, num_heads=4,
                       intermediate_size=384, max_position_embeddings=128, pad_token_id=3)
-    return Expert(ExpertConfig(vision=vision, text=text, embed_dim=64, context_length=128), tokenizer,
+    return Expert(ExpertConfig(vision=_vision(), text=text, embed_dim=64, context_length=128), tokenizer,
                   read_preprocessor_config(PREPROCESSOR))
 
 

@@ -60,7 +60,8 @@ def test_text_then_visual_trains_only_the_projector_in_visual(world, tmp_path):
     visual = weights(tmp_path / "visual" / "checkpoint")
     moved = {k for k in visual if not torch.equal(visual[k], text[k])}
     assert moved and all(k.startswith("multi_modal_projector.") for k in moved), moved  # frozen: bit-identical
-    assert "expert_sim" in rows(tmp_path, "visual")[0] or "reward" in rows(tmp_path, "visual")[0]
+    log = rows(tmp_path, "visual")
+    assert all(-1 <= r["reward"] <= 1 and 0 <= r["text_reward"] <= 1 for r in log)  # cosine; the text mix
 
 
 def test_resume_is_bit_exact(world, tmp_path):
