@@ -191,8 +191,8 @@ def tokenize(tokenizer, texts):
 
 # -----------------------------------------------------------------------------
 # CLIP text transformer (Radford et al. 2021, as in HF CLIPTextModel): pre-LN blocks under a causal mask, pooled
-# at the end-of-text token. Its blocks are vit.py's ViT blocks (the same names as HF's CLIPEncoderLayer); only the
-# attention mask differs, so the block is run by _masked_block below.
+# at the end-of-text token. Its blocks are vit.py's ViT blocks (the same names as HF's CLIPEncoderLayer), given a
+# causal attention mask.
 
 
 @dataclass
@@ -221,17 +221,6 @@ def clip_text_config_from_hf(d):
         layer_norm_eps=d.get("layer_norm_eps", 1e-5), act=act, eos_token_id=d.get("eos_token_id", 49407))
 
 
-def _masked_block(block, x, keep):
-    """vit.VisionBlock's computation with an attention mask. x (B, T, D); keep (B or 1, 1, T, T) bool."""
-    B, T, D = x.shape
-    attn = block.self_attn
-    h = block.layer_norm1(x)
-    q, k, v = (p(h).view(B, T, attn.num_heads, -1).transpose(1, 2) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # (B, heads, T, head_dim)
-    x = x + attn.out_proj(y.transpose(1, 2).reshape(B, T, D))
-    return x + block.mlp(block.layer_norm2(x))
-
-
 class ClipText(nn.Module):
     def __init__(self, cfg: ClipTextConfig):
         super().__init__()
@@ -255,7 +244,7 @@ class ClipText(nn.Module):
             keep = keep & attention_mask.bool()[:, None, None, :]  # (B, 1, T, T), padded keys hidden
             keep = keep | torch.eye(T, dtype=torch.bool, device=keep.device)  # no empty softmax row (left padding)
         for block in self.encoder["layers"]:
-            x = _masked_block(block, x, keep)
+            x = block(x, keep)
         return self.final_layer_norm(x)
 
     def pooled(self, hidden, input_ids):

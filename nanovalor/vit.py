@@ -77,10 +77,10 @@ class VisionAttention(nn.Module):
         self.num_heads = cfg.num_heads
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
 
-    def forward(self, x):
+    def forward(self, x, mask=None):  # mask: (B or 1, 1, T, T) bool, True = may attend; None = bidirectional
         B, T, D = x.shape
         q, k, v = (p(x).view(B, T, self.num_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, head_dim), bidirectional
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, T, head_dim)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -103,8 +103,8 @@ class VisionBlock(nn.Module):
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = VisionMLP(cfg)
 
-    def forward(self, x):
-        x = x + self.self_attn(self.layer_norm1(x))
+    def forward(self, x, mask=None):  # the CLIP text tower (expert.py) runs these blocks under a causal mask
+        x = x + self.self_attn(self.layer_norm1(x), mask)
         return x + self.mlp(self.layer_norm2(x))
 
 
