@@ -24,6 +24,7 @@ import copy
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from nanovalor.dist import all_sum, no_sync_unless_last
 from nanovalor.generate import repeat_for_group
@@ -154,31 +155,73 @@ class CompletionLogprobs(nn.Module):
     """policy -> per-token log-probs (and entropies) of given completions, computed from the hidden states of the
     completion positions only with the fused LM-head op (logprobs.py), never the (N, T, V) logits.
 
+    A group's G completions share their prompt (hundreds of image tokens in VALOR): by default the prompt goes
+    through the decoder once per group and the G completions attend to its keys and values (SharedPrefix), as the
+    sampler does; backward sends all G completions' gradients into that one prompt pass. With gradient checkpointing
+    (or share_prefix=False) each completion runs with its own copy of the prompt instead; both give the same numbers.
+
     A module of its own so that DDP and FSDP wrap the one forward every training pass goes through: their gradient
     and resharding hooks only run on forward, and the image encoding (the projector trains in the visual stage)
     must happen inside it."""
 
-    def __init__(self, policy):
+    def __init__(self, policy, share_prefix=True):
         super().__init__()
-        self.policy = policy
+        self.policy, self.share_prefix = policy, share_prefix
 
     def forward(self, pixels, prompt_ids, prompt_mask, tokens, mask, group_size=1, temperature=1.0, entropy=False):
         """pixels (n_images, 3, S, S) for B left-padded prompts (B, Tp); tokens, mask (B*G, Tc) right-padded
         completions, rows b*G .. b*G+G-1 answering prompt b. Returns logp (B*G, Tc) fp32, 0 at padding, and with
         entropy=True also the entropy of each position's distribution (B*G, Tc)."""
         policy, G = self.policy, group_size
-        embeds = repeat_for_group(policy.encode_images(pixels), prompt_ids, policy.cfg, G)  # each image encoded once
-        Tp = prompt_ids.shape[1]
+        embeds = policy.encode_images(pixels)  # (n_images, P, D): each image through the ViT once
         # The hidden state at position t predicts token t + 1: the last prompt position predicts the first completion
         # token, and the last completion token predicts nothing, so it is not fed.
-        ids = torch.cat([prompt_ids.repeat_interleave(G, 0), tokens[:, :-1]], 1)  # (B*G, Tp + Tc - 1)
-        attn = torch.cat([prompt_mask.repeat_interleave(G, 0).bool(), mask[:, :-1]], 1)
-        select = torch.cat([torch.zeros_like(ids[:, :Tp - 1], dtype=torch.bool), mask], 1)
-        hidden = policy.hidden_states(ids, image_embeds=embeds, attention_mask=attn, select=select)  # (n, D)
+        attn = torch.cat([prompt_mask.repeat_interleave(G, 0).bool(), mask[:, :-1]], 1)  # (B*G, Tp + Tc - 1)
+        if self.share_prefix and not policy.language_model.gradient_checkpointing:
+            shared = SharedPrefix(G)
+            prompt = policy.hidden_states(prompt_ids, image_embeds=embeds, attention_mask=prompt_mask, cache=shared)
+            hidden = prompt[:, -1:].repeat_interleave(G, 0)  # (B*G, 1, D): predicts each first completion token
+            if tokens.shape[1] > 1:
+                rest = policy.hidden_states(tokens[:, :-1], attention_mask=attn, cache=shared)  # (B*G, Tc - 1, D)
+                hidden = torch.cat([hidden, rest], 1)
+            hidden = hidden[mask]  # (n, D)
+        else:
+            ids = torch.cat([prompt_ids.repeat_interleave(G, 0), tokens[:, :-1]], 1)  # (B*G, Tp + Tc - 1)
+            Tp = prompt_ids.shape[1]
+            select = torch.cat([torch.zeros_like(ids[:, :Tp - 1], dtype=torch.bool), mask], 1)
+            embeds = repeat_for_group(embeds, prompt_ids, policy.cfg, G)
+            hidden = policy.hidden_states(ids, image_embeds=embeds, attention_mask=attn, select=select)  # (n, D)
         weight = policy.lm_head.weight.to(hidden.dtype)  # under bf16 autocast the fp32 master weight is cast, once
         out = token_logprobs(hidden, weight, tokens[mask], temperature, entropy)
         scatter = lambda values: torch.zeros(mask.shape, device=mask.device).masked_scatter(mask, values)
         return tuple(scatter(o) for o in out) if entropy else scatter(out)
+
+
+class SharedPrefix:
+    """Training-time attention over a shared prompt, in the cache protocol of generate.py (each attention layer
+    calls attend(layer, q, k, v, mask); Llava.hidden_states advances `length`). The first pass (the B prompts) is
+    plain causal attention that keeps each layer's keys and values; the second (the B*G completions, row b*G + g
+    answering prompt b) attends to its prompt's keys and values and, causally, to its own, in one softmax."""
+
+    def __init__(self, group_size):
+        self.G, self.k, self.v, self.length = group_size, {}, {}, 0
+
+    def attend(self, layer, q, k, v, mask):
+        gqa = q.shape[1] != k.shape[1]
+        if layer not in self.k:  # the prompts: (B, H, Tp, hd) queries, (B, H_kv, Tp, hd) keys and values
+            self.k[layer], self.v[layer] = k, v
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+        BG, H, T, hd = q.shape
+        G, H_kv, (pk, pv) = self.G, k.shape[1], (self.k[layer], self.v[layer])
+        B, Tp, r = BG // G, pk.shape[2], H // H_kv
+        # (B*G, H, T, n) <-> (B, H_kv, G*r*T, n): a group's queries side by side, to read their prompt once
+        group = lambda x: x.reshape(B, G, H_kv, r * T, x.shape[-1]).transpose(1, 2).reshape(B, H_kv, -1, x.shape[-1])
+        ungroup = lambda x: x.reshape(B, H_kv, G, r * T, x.shape[-1]).transpose(1, 2).reshape(BG, H, T, x.shape[-1])
+        own_k, own_v = k.repeat_interleave(r, 1), v.repeat_interleave(r, 1)  # (B*G, H, T, hd)
+        scores = torch.cat([ungroup(group(q) @ pk.transpose(2, 3)), q @ own_k.transpose(2, 3)], -1)  # (B*G, H, T, Tp+T)
+        scores = scores.float().masked_fill(~mask, float("-inf")) * hd ** -0.5
+        probs = scores.softmax(-1).to(q.dtype)
+        return ungroup(group(probs[..., :Tp]) @ pv) + probs[..., Tp:] @ own_v  # (B*G, H, T, hd)
 
 
 def reference_model(policy):

@@ -230,3 +230,29 @@ def test_reference_model_shares_frozen_and_copies_trainable():
     with torch.no_grad():
         policy.multi_modal_projector.linear_1.weight.add_(1.0)  # training the policy leaves the reference as it was
     assert not torch.equal(ref.multi_modal_projector.linear_1.weight, policy.multi_modal_projector.linear_1.weight)
+
+
+@pytest.mark.parametrize("completion_length", [5, 1])
+def test_shared_prompt_pass_equals_a_prompt_per_completion(completion_length):
+    """The prompt computed once per group (SharedPrefix) gives the same log-probs, entropies and gradients as every
+    completion carrying its own copy of the prompt."""
+    from nanovalor.generate import left_pad
+    from nanovalor.grpo import CompletionLogprobs
+
+    policy, G = tiny_policy(seed=3).train(), 3
+    prompt_ids, prompt_mask = left_pad([[1, 5] + [60] * 4 + [7, 8, 9], [1] + [60] * 4 + [3]])
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, 60, (2 * G, completion_length), generator=torch.Generator().manual_seed(2))
+    mask = torch.arange(completion_length)[None] < torch.tensor([5, 1, 3, 4, 2, 5])[:, None]
+    results = []
+    for share in (True, False):
+        policy.zero_grad()
+        logp, ent = CompletionLogprobs(policy, share)(pixels, prompt_ids, prompt_mask, tokens, mask, G, 0.7, True)
+        (logp.sum() + 0.3 * ent.sum()).backward()
+        results.append((logp, ent, {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}))
+    (a, ea, ga), (b, eb, gb) = results
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ea, eb, rtol=0, atol=1e-5)
+    assert ga.keys() == gb.keys() and any(n.startswith("vision_tower.") for n in ga)
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], rtol=1e-4, atol=1e-6, msg=name)
