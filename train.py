@@ -70,7 +70,7 @@ class Config:
     text_weight: float = 0.0  # visual: A = A_rank + text_weight * A_text
     rewards: str = "bleu4=0.25,rougeL=0.25,clinical=0.5"  # the text reward (logged in the visual stage too)
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal (as many on every rank)
-    eval_every: int = 0  # greedy evaluation on val_n validation studies every this many steps (0: never)
+    eval_every: int = -1  # greedy evaluation on val_n validation studies every this many steps; -1: the stage's
     eval_n: int = 200  # test studies evaluated before and after the stage
     val_n: int = 64
     save_every: int = 0  # 0: at the end only
@@ -84,10 +84,12 @@ class Config:
 
 
 STAGES = {  # the defaults where Config says 0 / "": sized for the phantom world on a laptop CPU
-    "sft": dict(steps=500, batch_size=16, lr=1e-3, warmup=30, train="multi_modal_projector,language_model,lm_head"),
-    "expert": dict(steps=1500, batch_size=32, lr=1e-3, warmup=30, train="all"),
-    "text": dict(steps=60, batch_size=8, lr=1e-4, warmup=5, train="multi_modal_projector,language_model,lm_head"),
-    "visual": dict(steps=60, batch_size=8, lr=1e-4, warmup=5, train="multi_modal_projector"),
+    "sft": dict(steps=500, batch_size=16, lr=1e-3, warmup=30, eval_every=250,
+                train="multi_modal_projector,language_model,lm_head"),
+    "expert": dict(steps=1500, batch_size=32, lr=1e-3, warmup=30, eval_every=0, train="all"),
+    "text": dict(steps=60, batch_size=8, lr=1e-4, warmup=5, eval_every=20,
+                 train="multi_modal_projector,language_model,lm_head"),
+    "visual": dict(steps=60, batch_size=8, lr=1e-4, warmup=5, eval_every=20, train="multi_modal_projector"),
 }
 TRAINABLE = ("vision_tower", "multi_modal_projector", "language_model", "lm_head")
 
@@ -105,6 +107,7 @@ def prepare(cfg, rank):
     cfg = replace(cfg, steps=cfg.steps or d["steps"], batch_size=cfg.batch_size or d["batch_size"],
                   lr=cfg.lr or d["lr"], train=cfg.train or d["train"],
                   warmup=d["warmup"] if cfg.warmup < 0 else cfg.warmup,
+                  eval_every=d["eval_every"] if cfg.eval_every < 0 else cfg.eval_every,
                   advantage=cfg.advantage or ("rank" if cfg.stage == "visual" else "zscore"))
     if phantom:
         world = out / "phantoms"

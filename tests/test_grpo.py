@@ -256,3 +256,27 @@ def test_shared_prompt_pass_equals_a_prompt_per_completion(completion_length):
     assert ga.keys() == gb.keys() and any(n.startswith("vision_tower.") for n in ga)
     for name in ga:
         torch.testing.assert_close(ga[name], gb[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_eos_is_trained_and_padding_never():
+    """A completion's EOS is a trained token (dropping it from the mask changes the gradient); whatever sits in the
+    padding after it changes neither the loss nor any gradient."""
+    from nanovalor.generate import left_pad
+    from nanovalor.grpo import CompletionLogprobs, update
+
+    policy, G, eos = tiny_policy(seed=4).train(), 2, 2
+    prompt_ids, prompt_mask = left_pad([[1, 5] + [60] * 4 + [7]])
+    pixels = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+    def step(pad, eos_in_mask=True):
+        tokens = torch.tensor([[9, 11, eos, pad, pad], [13, 9, 17, 21, 23]])
+        mask = torch.tensor([[True, True, eos_in_mask, False, False], [True] * 5])
+        policy.zero_grad()
+        stats, finite = update(CompletionLogprobs(policy), None, pixels, prompt_ids, prompt_mask, tokens, mask,
+                               torch.zeros(2, 5), torch.tensor([1.0, -1.0]), G, micro=1, beta=0.0)
+        assert finite
+        return stats["loss"], policy.lm_head.weight.grad.clone()
+
+    (loss_a, grad_a), (loss_b, grad_b), (_, grad_no_eos) = step(0), step(37), step(0, eos_in_mask=False)
+    assert loss_a == loss_b and torch.equal(grad_a, grad_b)  # padding: no effect at all
+    assert (grad_a[eos] - grad_no_eos[eos]).abs().max() > 1e-4  # EOS: its own log-prob term is trained

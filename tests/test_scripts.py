@@ -66,7 +66,7 @@ def world(tmp_path_factory):
     policy.save(tiny_policy(out / "phantoms", 1), out / "text" / "checkpoint")
     train = script("train.py")
     cfg = train.Config(stage="text", lr=3e-5, group_size=4, prompt=PROMPT)  # then filled in as train.prepare() does
-    cfg = replace(cfg, **{k: train.STAGES["text"][k] for k in ("steps", "batch_size", "train", "warmup")})
+    cfg = replace(cfg, **{k: train.STAGES["text"][k] for k in ("steps", "batch_size", "train", "warmup", "eval_every")})
     (out / "text" / "checkpoint" / "train_config.json").write_text(json.dumps(asdict(cfg)))
     torch.manual_seed(2)
     experts.save(phantoms.tiny_expert(out / "phantoms"), out / "expert" / "checkpoint")

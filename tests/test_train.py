@@ -18,7 +18,8 @@ import train
 from train import Config
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(phantom_train=48, phantom_val=8, phantom_test=8, eval_n=8, max_new_tokens=16, group_size=4, warmup=1)
+TINY = dict(phantom_train=48, phantom_val=8, phantom_test=8, eval_n=8, max_new_tokens=16, group_size=4, warmup=1,
+            eval_every=0)
 
 
 @pytest.fixture(scope="module")
