@@ -161,34 +161,47 @@ class KVCache:
 
 class GroupKVCache:
     """The cache of G samples per prompt after one prefill per prompt. The prompt's keys and values (B rows) are
-    kept once and read by all G rows of its group: shared-prefix attention, as in Hydragen (arXiv 2402.05099).
-    Each row's own tokens go to a (B*G)-row suffix. One new token per step."""
+    kept once and read by all G rows of its group (shared_prefix_attention); each row's own tokens go to a
+    (B*G)-row suffix. One new token per step."""
 
-    def __init__(self, prefix: KVCache, prompt_mask, G, capacity):
+    def __init__(self, prefix: KVCache, G, capacity):
         self.prefix_k = [k[:, :, :prefix.length] for k in prefix.k]  # (B, H_kv, T, hd) each
         self.prefix_v = [v[:, :, :prefix.length] for v in prefix.v]
-        self.prefix_valid = prompt_mask.bool()[:, None, None, :]  # (B, 1, 1, T): the prompt's left padding
         B, H, _, hd = prefix.k[0].shape
         self.k = [k.new_zeros(B * G, H, capacity, hd) for k in prefix.k]  # (B*G, H_kv, capacity, hd) each
         self.v = [v.new_zeros(B * G, H, capacity, hd) for v in prefix.v]
-        self.G, self.prompt_length, self.length = G, prefix.length, prefix.length
+        self.prompt_length = self.length = prefix.length
 
-    def attend(self, layer, q, k, v, mask=None):  # q (B*G, H, 1, hd); k, v (B*G, H_kv, 1, hd). mask: not needed
-        BG, H, t, hd = q.shape
-        B, H_kv, G, T, s = BG // self.G, k.shape[1], self.G, self.prompt_length, self.length - self.prompt_length
-        if t != 1 or s >= self.k[layer].shape[2]:
-            raise ValueError(f"GroupKVCache takes one token per step within its capacity (t={t}, step {s})")
+    def attend(self, layer, q, k, v, mask):  # q (B*G, H, 1, hd); k, v (B*G, H_kv, 1, hd); mask (B*G, 1, 1, T+s+1)
+        s = self.length - self.prompt_length
+        if q.shape[2] != 1 or s >= self.k[layer].shape[2]:
+            raise ValueError(f"GroupKVCache takes one token per step within its capacity (t={q.shape[2]}, step {s})")
         self.k[layer][:, :, s:s + 1], self.v[layer][:, :, s:s + 1] = k, v
-        own_k, own_v = self.k[layer][:, :, :s + 1], self.v[layer][:, :, :s + 1]  # (B*G, H_kv, s+1, hd)
-        q = q.reshape(BG, H_kv, H // H_kv, hd)  # the query heads that read each key head (GQA)
-        # (B*G, H_kv, r, n) <-> (B, H_kv, G*r, n): a group's queries side by side, to read its prefix once
-        group = lambda x: x.reshape(B, G, H_kv, -1, x.shape[-1]).transpose(1, 2).reshape(B, H_kv, -1, x.shape[-1])
-        ungroup = lambda x: x.reshape(B, H_kv, G, -1, x.shape[-1]).transpose(1, 2).reshape(BG, H_kv, -1, x.shape[-1])
-        prefix_scores = (group(q) @ self.prefix_k[layer].transpose(2, 3)).masked_fill(~self.prefix_valid, float("-inf"))
-        scores = torch.cat([ungroup(prefix_scores), q @ own_k.transpose(2, 3)], -1)  # (B*G, H_kv, r, T + s + 1)
-        probs = (scores.float() * hd ** -0.5).softmax(-1).to(q.dtype)  # one softmax over prompt and own tokens
-        y = ungroup(group(probs[..., :T]) @ self.prefix_v[layer]) + probs[..., T:] @ own_v  # (B*G, H_kv, r, hd)
-        return y.reshape(BG, H, 1, hd)
+        return shared_prefix_attention(q, self.prefix_k[layer], self.prefix_v[layer], self.k[layer][:, :, :s + 1],
+                                       self.v[layer][:, :, :s + 1], mask)
+
+
+def shared_prefix_attention(q, prefix_k, prefix_v, own_k, own_v, mask):
+    """Attention of B*G rows over their group's prompt and then their own tokens, in one softmax: row b*G + g reads
+    prompt b's keys and values, which are stored once per group and read once per group (Hydragen, arXiv
+    2402.05099). The sampler's GroupKVCache and the trainer's grpo.SharedPrefix both attend through it.
+
+    q (B*G, H, T, hd); prefix_k, prefix_v (B, H_kv, Tp, hd); own_k, own_v (B*G, H_kv, S, hd); mask (B*G, 1, T,
+    Tp + S) bool, True = attend (policy.attention_mask_4d), or None -> (B*G, H, T, hd)."""
+    BG, H, T, hd = q.shape
+    B, H_kv, Tp, _ = prefix_k.shape
+    G, r = BG // B, H // H_kv
+    q = q.reshape(BG, H_kv, r * T, hd)  # the r query heads that read each key head (GQA), T queries each
+    # (B*G, H_kv, n, m) <-> (B, H_kv, G*n, m): a group's queries side by side, to read its prompt once
+    group = lambda x: x.reshape(B, G, H_kv, -1, x.shape[-1]).transpose(1, 2).reshape(B, H_kv, -1, x.shape[-1])
+    ungroup = lambda x: x.reshape(B, H_kv, G, -1, x.shape[-1]).transpose(1, 2).reshape(BG, H_kv, -1, x.shape[-1])
+    scores = torch.cat([ungroup(group(q) @ prefix_k.transpose(2, 3)), q @ own_k.transpose(2, 3)], -1)
+    scores = scores.float().view(BG, H_kv, r, T, Tp + own_k.shape[2]) * hd ** -0.5  # (B*G, H_kv, r, T, Tp + S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, :, None], float("-inf"))  # the same mask for the r heads
+    probs = scores.softmax(-1).to(q.dtype).view(BG, H_kv, r * T, -1)
+    y = ungroup(group(probs[..., :Tp]) @ prefix_v) + probs[..., Tp:] @ own_v  # (B*G, H_kv, r*T, hd)
+    return y.reshape(BG, H, T, hd)
 
 
 def filter_logits(scores, top_k=0, top_p=1.0):
@@ -279,7 +292,7 @@ def sample(model, input_ids, attention_mask=None, pixel_values=None, image_embed
     h = model.hidden_states(input_ids, image_embeds=image_embeds, attention_mask=attention_mask, cache=prefix)
     w32 = weight.float()  # (V, D); no copy in fp32
     logits = (h[:, -1].float() @ w32.T).repeat_interleave(G, 0)  # (B*G, V): one prefill per group
-    cache = GroupKVCache(prefix, attention_mask, G, max_new_tokens)
+    cache = GroupKVCache(prefix, G, max_new_tokens)
     mask = attention_mask.repeat_interleave(G, 0)  # (B*G, T)
     rec = _Recorder(B * G, eos, pad_token_id, input_ids.device)
     for step in range(max_new_tokens):

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanovalor.dist import all_sum, no_sync_unless_last
-from nanovalor.generate import repeat_for_group
+from nanovalor.generate import repeat_for_group, shared_prefix_attention
 from nanovalor.logprobs import token_logprobs
 
 # -----------------------------------------------------------------------------
@@ -178,7 +178,7 @@ class CompletionLogprobs(nn.Module):
         # token, and the last completion token predicts nothing, so it is not fed.
         attn = torch.cat([prompt_mask.repeat_interleave(G, 0).bool(), mask[:, :-1]], 1)  # (B*G, Tp + Tc - 1)
         if self.share_prefix and not policy.language_model.gradient_checkpointing:
-            shared = SharedPrefix(G)
+            shared = SharedPrefix()
             prompt = policy.hidden_states(prompt_ids, image_embeds=embeds, attention_mask=prompt_mask, cache=shared)
             hidden = prompt[:, -1:].repeat_interleave(G, 0)  # (B*G, 1, D): predicts each first completion token
             if tokens.shape[1] > 1:
@@ -201,27 +201,18 @@ class SharedPrefix:
     """Training-time attention over a shared prompt, in the cache protocol of generate.py (each attention layer
     calls attend(layer, q, k, v, mask); Llava.hidden_states advances `length`). The first pass (the B prompts) is
     plain causal attention that keeps each layer's keys and values; the second (the B*G completions, row b*G + g
-    answering prompt b) attends to its prompt's keys and values and, causally, to its own, in one softmax."""
+    answering prompt b) attends to its prompt's keys and values and, causally, to its own, in one softmax
+    (generate.shared_prefix_attention, as the sampler does)."""
 
-    def __init__(self, group_size):
-        self.G, self.k, self.v, self.length = group_size, {}, {}, 0
+    def __init__(self):
+        self.k, self.v, self.length = {}, {}, 0
 
     def attend(self, layer, q, k, v, mask):
-        gqa = q.shape[1] != k.shape[1]
         if layer not in self.k:  # the prompts: (B, H, Tp, hd) queries, (B, H_kv, Tp, hd) keys and values
             self.k[layer], self.v[layer] = k, v
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
-        BG, H, T, hd = q.shape
-        G, H_kv, (pk, pv) = self.G, k.shape[1], (self.k[layer], self.v[layer])
-        B, Tp, r = BG // G, pk.shape[2], H // H_kv
-        # (B*G, H, T, n) <-> (B, H_kv, G*r*T, n): a group's queries side by side, to read their prompt once
-        group = lambda x: x.reshape(B, G, H_kv, r * T, x.shape[-1]).transpose(1, 2).reshape(B, H_kv, -1, x.shape[-1])
-        ungroup = lambda x: x.reshape(B, H_kv, G, r * T, x.shape[-1]).transpose(1, 2).reshape(BG, H, T, x.shape[-1])
-        own_k, own_v = k.repeat_interleave(r, 1), v.repeat_interleave(r, 1)  # (B*G, H, T, hd)
-        scores = torch.cat([ungroup(group(q) @ pk.transpose(2, 3)), q @ own_k.transpose(2, 3)], -1)  # (B*G, H, T, Tp+T)
-        scores = scores.float().masked_fill(~mask, float("-inf")) * hd ** -0.5
-        probs = scores.softmax(-1).to(q.dtype)
-        return ungroup(group(probs[..., :Tp]) @ pv) + probs[..., Tp:] @ own_v  # (B*G, H, T, hd)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                  enable_gqa=q.shape[1] != k.shape[1])
+        return shared_prefix_attention(q, self.k[layer], self.v[layer], k, v, mask)  # (B*G, H, Tc - 1, hd)
 
 
 def reference_model(policy):

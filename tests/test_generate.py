@@ -167,7 +167,7 @@ def test_group_mode_runs_the_vit_once_and_prefills_once(models):
 
 
 def test_group_cache_attention_equals_attention_over_the_copied_prefix():
-    """Shared-prefix attention (prompt keys stored once per group, two softmax parts merged by log-sum-exp) equals
+    """Shared-prefix attention (prompt keys stored once per group, one softmax over prompt and own tokens) equals
     plain attention of every row over its own copy of the prompt followed by its own tokens (GQA, left padding)."""
     torch.manual_seed(0)
     B, G, H, H_kv, T, hd = 2, 3, 6, 2, 5, 4
@@ -176,16 +176,36 @@ def test_group_cache_attention_equals_attention_over_the_copied_prefix():
     k, v = torch.randn(B, H_kv, T, hd), torch.randn(B, H_kv, T, hd)
     prefix.attend(0, torch.randn(B, H, T, hd), k, v, None)
     prefix.length = T
-    cache = GroupKVCache(prefix, prompt_mask, G, capacity=4)
+    cache = GroupKVCache(prefix, G, capacity=4)
     all_k, all_v = k.repeat_interleave(G, 0), v.repeat_interleave(G, 0)  # (B*G, H_kv, T, hd): the copied prefix
     for step in range(4):
         q, k_new, v_new = torch.randn(B * G, H, 1, hd), torch.randn(B * G, H_kv, 1, hd), torch.randn(B * G, H_kv, 1, hd)
-        ours = cache.attend(0, q, k_new, v_new)
+        valid = torch.cat([prompt_mask.repeat_interleave(G, 0), torch.ones(B * G, step + 1, dtype=torch.long)], 1)
+        valid = valid.bool()[:, None, None, :]  # (B*G, 1, 1, T + step + 1): what policy.attention_mask_4d gives
+        ours = cache.attend(0, q, k_new, v_new, valid)
         cache.length += 1
         all_k, all_v = torch.cat([all_k, k_new], 2), torch.cat([all_v, v_new], 2)
-        valid = torch.cat([prompt_mask.repeat_interleave(G, 0), torch.ones(B * G, step + 1, dtype=torch.long)], 1)
-        ref = F.scaled_dot_product_attention(q, all_k, all_v, attn_mask=valid.bool()[:, None, None, :], enable_gqa=True)
+        ref = F.scaled_dot_product_attention(q, all_k, all_v, attn_mask=valid, enable_gqa=True)
         torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+
+
+def test_shared_prefix_attention_over_several_tokens_equals_attention_over_the_copied_prefix():
+    """The training-time case (grpo.SharedPrefix): T completion tokens per row at once, causal among themselves,
+    after a left-padded prompt; GQA with 3 query heads per key head."""
+    from nanovalor.generate import shared_prefix_attention
+    from nanovalor.policy import attention_mask_4d
+
+    torch.manual_seed(0)
+    B, G, H, H_kv, Tp, T, hd = 2, 3, 6, 2, 4, 5, 4
+    pk, pv = torch.randn(B, H_kv, Tp, hd), torch.randn(B, H_kv, Tp, hd)
+    q, k, v = torch.randn(B * G, H, T, hd), torch.randn(B * G, H_kv, T, hd), torch.randn(B * G, H_kv, T, hd)
+    valid = torch.cat([torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]]).repeat_interleave(G, 0),
+                       (torch.arange(T) < torch.tensor([5, 2, 5, 3, 1, 4])[:, None]).long()], 1)  # (B*G, Tp + T)
+    mask = attention_mask_4d(valid, T, Tp, "cpu")  # (B*G, 1, T, Tp + T)
+    ours = shared_prefix_attention(q, pk, pv, k, v, mask)
+    all_k, all_v = torch.cat([pk.repeat_interleave(G, 0), k], 2), torch.cat([pv.repeat_interleave(G, 0), v], 2)
+    ref = F.scaled_dot_product_attention(q, all_k, all_v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
 
 
 def test_filter_logits_on_hand_numbers():
