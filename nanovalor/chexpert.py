@@ -28,6 +28,7 @@ load_chexbert reads `chexbert.pth` and labels with the same 1.0 / 0.0 / -1.0 / N
     python -m nanovalor.rewards label reports.txt --out labels.csv
 """
 import re
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -245,8 +246,12 @@ def _label_clause(names, found):
                 found.setdefault(int(name[1:]), []).append(label)
 
 
+@lru_cache(maxsize=65536)
 def label_report(text: str) -> tuple:
-    """The 14 CheXpert labels of one report, in CHEXPERT_LABELS order: 1.0, 0.0, -1.0 or None (blank)."""
+    """The 14 CheXpert labels of one report, in CHEXPERT_LABELS order: 1.0, 0.0, -1.0 or None (blank).
+
+    Cached: a GRPO group repeats texts, and the same references are labelled at every step and every evaluation.
+    """
     found, clause = {}, []
     for m in _EVENTS.finditer(str(text).lower()):
         name = m.lastgroup
@@ -269,9 +274,8 @@ def label_report(text: str) -> tuple:
 
 
 def label_reports(texts) -> list:
-    """label_report for each text; identical texts (common within a GRPO group) are labelled once."""
-    cache = {}
-    return [cache[t] if t in cache else cache.setdefault(t, label_report(t)) for t in texts]
+    """label_report for each text (cached there: identical texts are labelled once)."""
+    return [label_report(t) for t in texts]
 
 
 # ---------------------------------------------------------------------------------------------------- clinical F1
