@@ -147,7 +147,7 @@ def _compile():
 
 
 _EVENTS = _compile()
-_KIND = {"stopword": "stop", "qmark": "unc"}  # group name -> cue kind where they differ
+_KIND = {"qmark": "unc"}  # group name -> cue kind where they differ ("?pneumonia" is uncertain)
 _MENTIONS = {"hf"} | {f"m{i}" for i in _FINDINGS} | {f"a{i}" for i in _ANATOMY}
 
 
