@@ -18,7 +18,6 @@ import json
 import math
 import os
 import re
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
+from nanovalor.checkpoint import atomic_folder
 from nanovalor.data import ImageProcessing, load_image, preprocess, read_preprocessor_config
 from nanovalor.vit import VisionBlock, VisionConfig, VisionTower, vision_config_from_hf
 
@@ -537,20 +537,17 @@ def load(path_or_repo_id, device="cpu"):
 
 def save(expert, folder):
     """Our layout: config.json (towers, projection, context, processing), model.safetensors, tokenizer.json.
-    Written into a temporary folder that is then renamed, so a reader never sees half an expert."""
-    folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    Atomic (checkpoint.atomic_folder): a reader never sees half an expert."""
     cfg = expert.cfg
     meta = dict(format=FORMAT, text_kind="bert" if isinstance(cfg.text, BertConfig) else "clip",
                 vision=asdict(cfg.vision), text=asdict(cfg.text), embed_dim=cfg.embed_dim,
                 text_projection=cfg.text_projection, context_length=cfg.context_length,
                 processing=asdict(expert.processing))
-    (tmp / "config.json").write_text(json.dumps(meta, indent=2))
     tensors = {k: v.detach().cpu().contiguous() for k, v in expert.state_dict().items()}
-    save_file(tensors, str(tmp / "model.safetensors"))
-    expert.tokenizer.save(str(tmp / "tokenizer.json"))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+
+    def fill(path):
+        (path / "config.json").write_text(json.dumps(meta, indent=2))
+        save_file(tensors, str(path / "model.safetensors"))
+        expert.tokenizer.save(str(path / "tokenizer.json"))
+
+    atomic_folder(folder, fill)

@@ -18,9 +18,9 @@ read by nanovalor.data.read_annotation like a real dataset. The same seed gives 
 """
 import argparse
 import ctypes
+import io
 import json
 import math
-import os
 import sys
 import time
 from functools import lru_cache
@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from nanovalor.checkpoint import write_atomic
 from nanovalor.phantom_reports import write_report
 from nanovalor.rewards import CHEXPERT_LABELS
 
@@ -353,15 +354,8 @@ def generate(out, n_train=4000, n_val=200, n_test=500, seed=0, size=SIZE, vocab_
         print(file=sys.stderr)
     if n_train:
         train_tokenizer([e["report"] for e in annotation["train"]], out / "tokenizer.json", vocab_size)
-    _atomic_write(out / "annotation.json", lambda file: file.write(json.dumps(annotation, indent=1).encode()))
+    write_atomic(out / "annotation.json", json.dumps(annotation, indent=1))
     return annotation
-
-
-def _atomic_write(path, write):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as file:
-        write(file)
-    os.replace(tmp, path)
 
 
 def train_tokenizer(reports: list[str], path, vocab_size=2048):
@@ -374,7 +368,7 @@ def train_tokenizer(reports: list[str], path, vocab_size=2048):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train_from_iterator(reports, trainer)
-    _atomic_write(path, lambda file: file.write(tokenizer.to_str().encode()))
+    write_atomic(path, tokenizer.to_str())
     return tokenizer
 
 
@@ -400,7 +394,9 @@ def contact_sheet(path, seed=0, size=SIZE, n=16):
         sheet.paste(Image.fromarray(study["image"]), (x + (tile_w - size) // 2, y + 4))
         for j, caption in enumerate(study["captions"][:4]):
             draw.text((x + 4, y + size + 6 + j * line_h), caption, fill=0, font=font)
-    _atomic_write(path, lambda file: sheet.save(file, "PNG", optimize=True))
+    png = io.BytesIO()
+    sheet.save(png, "PNG", optimize=True)
+    write_atomic(path, png.getvalue())
 
 
 # ----------------------------------------------------------------------------------------------------------------

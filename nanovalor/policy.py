@@ -15,7 +15,6 @@ refused; LLaVA-Med's window is 4096 tokens), RoPE scaling, multi-layer vision fe
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from nanovalor.checkpoint import atomic_folder
 from nanovalor.vit import VisionBlock, VisionConfig, VisionTower, vision_config_from_hf  # noqa: F401 (expert.py)
 
 
@@ -537,8 +537,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def save(model, folder):
     """Write `model` in the llava-hf layout (config.json, generation_config.json, model.safetensors, and the
     tokenizer and preprocessor files of the checkpoint it came from), loadable by transformers'
-    LlavaForConditionalGeneration and by load(). Atomic: a temporary folder, renamed when complete."""
-    folder = Path(folder)
+    LlavaForConditionalGeneration and by load(). Atomic (checkpoint.atomic_folder)."""
     config = config_to_hf(model.cfg)
     hub_names = [("language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
                  ("vision_tower.", "vision_tower.vision_model."), ("multi_modal_projector.", "multi_modal_projector.")]
@@ -548,21 +547,16 @@ def save(model, folder):
             continue
         old, new = next((o, n) for o, n in hub_names if name.startswith(o))
         tensors[new + name[len(old):]] = t.detach().cpu().contiguous()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        from safetensors.torch import save_file
-        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": model.cfg.eos_token_id}, indent=2))
+    from safetensors.torch import save_file
+
+    def fill(path):
+        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+        (path / "config.json").write_text(json.dumps(config, indent=2))
+        (path / "generation_config.json").write_text(json.dumps({"eos_token_id": model.cfg.eos_token_id}, indent=2))
         if model.preprocessor_config is not None:
-            (tmp / "preprocessor_config.json").write_text(json.dumps(model.preprocessor_config, indent=2))
+            (path / "preprocessor_config.json").write_text(json.dumps(model.preprocessor_config, indent=2))
         for name in TOKENIZER_FILES if model.source is not None else ():
             if (Path(model.source) / name).exists():
-                shutil.copy(Path(model.source) / name, tmp / name)
-        if folder.exists():  # the old checkpoint goes only once the new one is complete
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                shutil.copy(Path(model.source) / name, path / name)
+
+    atomic_folder(folder, fill)
