@@ -71,7 +71,8 @@ cider = CiderD(refs)
 
 
 def mix():
-    label_report.cache_clear()  # every repeat labels its reports anew, as a step's new samples need
+    label_report.cache_clear()  # every repeat labels and vectorises its reports anew, as the first step does
+    cider._ref_vectors.clear()
     return text_reward(raw_hyps, raw_refs, weights, cider=cider)
 
 

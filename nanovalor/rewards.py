@@ -70,7 +70,8 @@ def text_reward(samples, references, weights, cider=None, style="coco", chexbert
     if len(samples) != len(references):
         raise ValueError(f"text_reward: {len(samples)} samples but {len(references)} references")
     hyps = [clean_report(s, style) for s in samples]
-    refs = [clean_report(r, style) for r in references]
+    cleaned = {r: clean_report(r, style) for r in set(references)}  # B distinct references among the B*G
+    refs = [cleaned[r] for r in references]
     parts = {}
     counts = [_ngram_counts(h) for h in hyps] if {"bleu1", "bleu2", "bleu3", "bleu4", "cider"} & set(weights) else None
     if any(k.startswith("bleu") for k in weights):

@@ -109,6 +109,7 @@ def test_bleu_rouge_cider_equal_pycocoevalcap(style):
     cider = CiderD(r)
     order = np.random.default_rng(0).permutation(len(h))
     np.testing.assert_allclose(cider([h[i] for i in order], [r[i] for i in order]), ref_samples[order], atol=1e-9)
+    np.testing.assert_allclose(cider(h, r), ref_samples, atol=1e-9)  # again, from the instance's reference vectors
 
 
 def test_bleu_by_hand():
