@@ -24,11 +24,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
 from nanovalor.checkpoint import atomic_folder
 from nanovalor.data import ImageProcessing, load_image, preprocess, read_preprocessor_config
+from nanovalor.policy import checkpoint_files, load_checked, read_checkpoint, read_weights, resolve
 from nanovalor.vit import VisionBlock, VisionConfig, VisionTower, vision_config_from_hf
 
 # -----------------------------------------------------------------------------
@@ -346,7 +347,8 @@ class Expert(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints. Each reader returns (ExpertConfig, state dict in our names, tokenizer, ImageProcessing, source file).
+# Checkpoints. Each reader returns (ExpertConfig, state dict in our names, tokenizer, ImageProcessing, source:
+# the weights file, or the folder of an HF layout that may be sharded).
 
 FORMAT = "nanovalor-expert"
 IGNORED = re.compile(r".*embeddings\.(position_ids|token_type_ids)$")  # buffers older HF checkpoints carry
@@ -362,26 +364,8 @@ def contrastive_loss(expert, pixel_values, input_ids, attention_mask):
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
-def _read_weights(path):
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    try:  # a pickle: tensors and plain containers only, never code
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: refused or unreadable (torch.load with weights_only=True): {e}") from None
-    return sd.get("state_dict", sd) if isinstance(sd, dict) else sd
-
-
-def _first(folder, names):
-    files = [folder / n for n in names if (folder / n).exists()]
-    if not files:
-        raise FileNotFoundError(f"{folder}: none of {list(names)}")
-    return files[0]
-
-
-def _read_ours(folder):
+def _read_ours(folder, d):
     where = folder / "config.json"
-    d = json.loads(where.read_text())
     text_cls = {"bert": BertConfig, "clip": ClipTextConfig}.get(d.get("text_kind"))
     if text_cls is None:
         raise ValueError(f"{where}: text_kind {d.get('text_kind')!r}: expected 'bert' or 'clip'")
@@ -393,22 +377,22 @@ def _read_ours(folder):
         raise ValueError(f"{where}: not a {FORMAT} config ({e})") from None
     load_tokenizer = load_bert_tokenizer if text_cls is BertConfig else load_clip_tokenizer
     source = folder / "model.safetensors"
-    return cfg, load_file(str(source)), load_tokenizer(folder, cfg.context_length), proc, source
+    return cfg, read_weights(source), load_tokenizer(folder, cfg.context_length), proc, source
 
 
-def _read_hf_clip(folder):
-    """HF CLIPModel (OpenAI CLIP, CheXzero converted): config.json, model.safetensors, tokenizer.json,
-    preprocessor_config.json. Names: vision_model.* -> visual.*, text_model.* -> text.*, the rest as they are."""
-    d = json.loads((folder / "config.json").read_text())
+HF_CLIP_KEYS = [("vision_model.", "visual."), ("text_model.", "text."), ("", "")]  # the rest as they are
+
+
+def _read_hf_clip(folder, d):
+    """HF CLIPModel (OpenAI CLIP, CheXzero converted): config.json, model.safetensors (or pytorch_model.bin, or
+    shards), tokenizer.json, preprocessor_config.json. Names: vision_model.* -> visual.*, text_model.* -> text.*."""
     vision = vision_config_from_hf({"model_type": "clip_vision_model", **d.get("vision_config", {})})
     text = clip_text_config_from_hf(d.get("text_config", {}))
     cfg = ExpertConfig(vision=vision, text=text, embed_dim=d.get("projection_dim", 512), text_projection="linear",
                        context_length=text.max_position_embeddings)
-    source = _first(folder, ("model.safetensors", "pytorch_model.bin"))
-    sd = {re.sub(r"^vision_model\.", "visual.", re.sub(r"^text_model\.", "text.", k)): v
-          for k, v in _read_weights(source).items()}
+    sd, _ = read_checkpoint(folder, HF_CLIP_KEYS)
     proc = read_preprocessor_config(folder) if (folder / "preprocessor_config.json").exists() else None
-    return cfg, sd, load_clip_tokenizer(folder, cfg.context_length), proc, source
+    return cfg, sd, load_clip_tokenizer(folder, cfg.context_length), proc, folder
 
 
 OPEN_CLIP_NAMES = [  # (open_clip key prefix as a regex, ours); timm's fused attn.qkv is split in _from_open_clip
@@ -457,8 +441,8 @@ def _read_open_clip(folder):
             ("text_cfg.hf_proj_type", text.get("hf_proj_type"), ("linear", "mlp"))):
         if value not in allowed:
             raise ValueError(f"{where}: model_cfg.{key} = {value!r}: expected one of {allowed}")
-    source = _first(folder, ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
-    sd = _from_open_clip(_read_weights(source))
+    source = checkpoint_files(folder, ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))[0]  # one file
+    sd = _from_open_clip(read_weights(source))
     try:
         patch = sd["visual.embeddings.patch_embedding.weight"]  # (D, C, p, p)
         words = sd["text.embeddings.word_embeddings.weight"]  # (V, H)
@@ -494,35 +478,16 @@ def _count_layers(sd, prefix):
     return len({m[1] for k in sd if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))})
 
 
-def _load_checked(expert, sd, where):
-    """Load a state dict in our names into `expert` (built on the meta device); every mismatch in one error."""
-    sd = {k: v for k, v in sd.items() if not IGNORED.match(k)}
-    want = expert.state_dict()
-    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
-    misshaped = [f"{k}: {tuple(sd[k].shape)}, expected {tuple(want[k].shape)}" for k in sorted(set(sd) & set(want))
-                 if sd[k].shape != want[k].shape]
-    if missing or unexpected or misshaped:
-        raise ValueError(f"{where}: checkpoint does not fit the expert: missing {missing}; unexpected {unexpected};"
-                         f" mis-shaped {misshaped}")
-    expert.load_state_dict({k: v.float() for k, v in sd.items()}, assign=True)
-
-
 def load(path_or_repo_id, device="cpu"):
     """An Expert in eval mode (float32) from a local folder or a hub id: our layout, open_clip, or HF CLIPModel."""
-    folder = Path(path_or_repo_id)
-    if not folder.exists():
-        if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_repo_id)):
-            raise FileNotFoundError(f"{path_or_repo_id}: no such folder, and not a hub id 'owner/name'")
-        from huggingface_hub import snapshot_download  # honours HF_HUB_OFFLINE (then the local cache only)
-        folder = Path(snapshot_download(str(path_or_repo_id), allow_patterns=[
-            "*.json", "vocab.txt", "*.safetensors", "open_clip_pytorch_model.bin"]))
+    folder = resolve(path_or_repo_id, ["*.json", "vocab.txt", "*.safetensors", "open_clip_pytorch_model.bin"])
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
     if config.get("format") == FORMAT:
-        cfg, sd, tokenizer, proc, source = _read_ours(folder)
+        cfg, sd, tokenizer, proc, source = _read_ours(folder, config)
     elif (folder / "open_clip_config.json").exists():
         cfg, sd, tokenizer, proc, source = _read_open_clip(folder)
     elif config.get("model_type") == "clip":
-        cfg, sd, tokenizer, proc, source = _read_hf_clip(folder)
+        cfg, sd, tokenizer, proc, source = _read_hf_clip(folder, config)
     else:
         raise ValueError(f"{folder}: not an expert checkpoint (expected our config.json with format {FORMAT!r}, "
                          "open_clip_config.json, or an HF CLIPModel config.json)")
@@ -531,7 +496,7 @@ def load(path_or_repo_id, device="cpu"):
                          f"{cfg.vision.image_size} px")
     with torch.device("meta"):  # no random init: every tensor comes from the checkpoint
         expert = Expert(cfg, tokenizer, proc)  # proc None: OpenAI CLIP's processing
-    _load_checked(expert, sd, source)
+    load_checked(expert, {k: v for k, v in sd.items() if not IGNORED.match(k)}, source, cast=torch.Tensor.float)
     return expert.to(device).eval()
 
 

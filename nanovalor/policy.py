@@ -419,9 +419,10 @@ VISION_REPO_KEYS = [  # the repo named by mm_vision_tower: a CLIPModel / CLIPVis
 UNUSED = ("rotary_emb.inv_freq", "embeddings.position_ids", "vision_tower.head.")  # buffers old saves kept; SigLIP head
 
 
-def resolve(path_or_repo_id):
+def resolve(path_or_repo_id, allow_patterns=None):
     """A local folder as it is; "owner/name" through huggingface_hub.snapshot_download (HF_HUB_OFFLINE=1: the
-    local cache only). pytorch_model*.bin are fetched only when a repo has no safetensors."""
+    local cache only), fetching the files that match allow_patterns. By default a model's: pytorch_model*.bin are
+    fetched only when a repo has no safetensors."""
     p = Path(path_or_repo_id).expanduser()
     if p.is_dir():
         return p
@@ -430,6 +431,8 @@ def resolve(path_or_repo_id):
         raise FileNotFoundError(f"{name}: no such model folder (and not a hub id 'owner/name')")
     from huggingface_hub import snapshot_download
     try:
+        if allow_patterns is not None:
+            return Path(snapshot_download(name, allow_patterns=allow_patterns))
         folder = Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"]))
         if not any(folder.glob("*.safetensors")):
             folder = Path(snapshot_download(name, allow_patterns=["*.json", "pytorch_model*.bin"]))
@@ -439,34 +442,71 @@ def resolve(path_or_repo_id):
     return folder
 
 
-def checkpoint_files(folder):
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+def checkpoint_files(folder, names=("model.safetensors", "pytorch_model.bin")):
+    """The weight files of the checkpoint in `folder`: the shards a `<name>.index.json` lists, or else the first
+    of `names` (one file each, the preferred format first) that is there."""
+    for index in (f"{name}.index.json" for name in names):
         if (folder / index).exists():
             files = sorted(set(_read_json(folder / index).get("weight_map", {}).values()))
             missing = [f for f in files if not (folder / f).exists()]
             if not files or missing:
                 raise FileNotFoundError(f"{folder / index}: names shard(s) {missing or 'none'} that are not there")
             return [folder / f for f in files]
-    for single in ("model.safetensors", "pytorch_model.bin"):
+    for single in names:
         if (folder / single).exists():
             return [folder / single]
-    raise FileNotFoundError(f"{folder}: no model.safetensors, pytorch_model.bin or *.index.json")
+    raise FileNotFoundError(f"{folder}: no {', '.join(names)} or *.index.json")
 
 
-def read_checkpoint(folder, rules):
-    """{our name: tensor} for the checkpoint in `folder`, renamed with `rules`; tensors no rule or UNUSED names
-    are returned as the second value. .bin files only through torch.load(weights_only=True)."""
-    from safetensors.torch import load_file
+def read_weights(path, key="state_dict"):
+    """The {name: tensor} dict of one weights file: safetensors, or a pickle read only through
+    torch.load(weights_only=True) (tensors and plain containers, never code), unwrapped from {key: state dict}."""
+    if Path(path).suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(path)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: refused or unreadable (torch.load with weights_only=True): {e}") from None
+    sd = sd.get(key, sd) if isinstance(sd, dict) else sd
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: expected a state dict (or a dict with {key!r}), got {type(sd).__name__}")
+    return sd
+
+
+def read_checkpoint(folder, rules, names=("model.safetensors", "pytorch_model.bin")):
+    """{our name: tensor} for the checkpoint in `folder` (checkpoint_files(folder, names)), renamed with `rules`
+    (a rule ("", "") keeps the rest as they are); tensors no rule or UNUSED names are returned as the second
+    value."""
     tensors, unexpected = {}, []
-    for f in checkpoint_files(folder):
-        part = load_file(f) if f.suffix == ".safetensors" else torch.load(f, map_location="cpu", weights_only=True)
-        for name, t in part.items():
-            ours = next((new + name[len(old):] if new else "" for old, new in rules if name.startswith(old)), None)
+    for f in checkpoint_files(folder, names):
+        for name, t in read_weights(f).items():
+            ours = next((new + name[len(old):] if new is not None else "" for old, new in rules
+                         if name.startswith(old)), None)
             if ours is None:
                 unexpected.append(name)
             elif ours and not any(u in ours for u in UNUSED):
                 tensors[ours] = t
     return tensors, unexpected
+
+
+def load_checked(model, tensors, where, unexpected=(), tied=(), cast=lambda t: t):
+    """Load {our name: tensor} into `model`, built on the meta device, with assign=True: each tensor is popped from
+    `tensors` as it is cast (cast(t): to the run's dtype and device), so the weights are never held twice.
+    `unexpected`: checkpoint names no rule mapped; `tied`: names that share another parameter (a tied lm_head),
+    neither expected nor loaded (the caller ties them again). Every missing, unexpected or mis-shaped tensor is in
+    one error that names `where`."""
+    expected = {k: v.shape for k, v in model.state_dict().items() if k not in tied}
+    for k in tied:
+        tensors.pop(k, None)  # some saves write the tied copy too
+    missing = sorted(expected.keys() - tensors.keys())
+    unexpected = list(unexpected) + sorted(tensors.keys() - expected.keys())
+    shapes = [f"{k}: {tuple(t.shape)} in the checkpoint, {tuple(expected[k])} in the model"
+              for k, t in sorted(tensors.items()) if k in expected and t.shape != expected[k]]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{where}: the checkpoint does not match its config: missing {missing}, "
+                         f"unexpected {unexpected}, wrong shape {shapes}")
+    model.load_state_dict({k: cast(tensors.pop(k)) for k in list(tensors)}, strict=False, assign=True)
 
 
 def _read_json(path):
@@ -505,20 +545,10 @@ def load(path_or_repo_id, dtype=None, device=None):
         cfg.eos_token_id = _ids(_read_json(folder / "generation_config.json").get("eos_token_id")) or cfg.eos_token_id
     with torch.device("meta"):
         model = Llava(cfg)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    if cfg.text.tie_embeddings:
-        del expected["lm_head.weight"]
-        tensors.pop("lm_head.weight", None)  # some saves write the tied copy too
-    missing = sorted(expected.keys() - tensors.keys())
-    unexpected += sorted(tensors.keys() - expected.keys())
-    shapes = [f"{k}: {tuple(t.shape)} in the checkpoint, {tuple(expected[k])} in the model"
-              for k, t in tensors.items() if k in expected and t.shape != expected[k]]
-    if missing or unexpected or shapes:
-        raise ValueError(f"{folder}: the checkpoint does not match its config: missing {missing}, "
-                         f"unexpected {unexpected}, wrong shape {shapes}")
     device = torch.device(device or "cpu")
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model.load_state_dict({k: tensors.pop(k).to(device, dtype) for k in list(tensors)}, strict=False, assign=True)
+    tied = ["lm_head.weight"] if cfg.text.tie_embeddings else []
+    load_checked(model, tensors, folder, unexpected, tied, cast=lambda t: t.to(device, dtype))
     if cfg.text.tie_embeddings:  # assign=True replaced the shared Parameter: share it again
         model.lm_head.weight = model.language_model.embed_tokens.weight
     model.source = folder

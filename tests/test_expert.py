@@ -297,7 +297,7 @@ def test_mismatched_checkpoint_lists_every_key(tmp_path):
     assert "open_clip_pytorch_model.bin" in msg
     assert "missing ['text_projection.2.weight']" in msg
     assert "unexpected ['visual.trunk.blocks.0.ls1.gamma']" in msg
-    assert "mis-shaped ['visual_projection.weight: (24, 127), expected (24, 128)']" in msg
+    assert "wrong shape ['visual_projection.weight: (24, 127) in the checkpoint, (24, 128) in the model']" in msg
 
 
 class _Payload:  # unpickling this calls open(path, "w"): code execution, which weights_only must refuse
