@@ -68,6 +68,19 @@ def bert_config_from_hf(d, pooler=False):
         layer_norm_eps=d.get("layer_norm_eps", 1e-12), pad_token_id=d.get("pad_token_id") or 0, pooler=pooler)
 
 
+def bert_config_from_state(sd, prefix):
+    """BertConfig read off the shapes of a BERT state dict whose keys are `prefix` + HF BertModel names, for
+    checkpoints that ship no BERT config (open_clip's BiomedCLIP, CheXbert): 64-wide heads, as in every BERT size.
+    A KeyError names a missing tensor."""
+    words = sd[prefix + "embeddings.word_embeddings.weight"]  # (V, H)
+    return BertConfig(
+        vocab_size=words.shape[0], hidden_size=words.shape[1], num_layers=_count_layers(sd, prefix + "encoder.layer."),
+        num_heads=max(1, words.shape[1] // 64),
+        intermediate_size=sd[prefix + "encoder.layer.0.intermediate.dense.weight"].shape[0],
+        max_position_embeddings=sd[prefix + "embeddings.position_embeddings.weight"].shape[0],
+        type_vocab_size=sd[prefix + "embeddings.token_type_embeddings.weight"].shape[0])
+
+
 def _linear_norm(d_in, d_out, eps):  # BERT's "output" sub-modules: a projection, then LayerNorm(x + residual)
     return nn.ModuleDict(dict(dense=nn.Linear(d_in, d_out), LayerNorm=nn.LayerNorm(d_out, eps=eps)))
 
@@ -445,19 +458,13 @@ def _read_open_clip(folder):
     sd = _from_open_clip(read_weights(source))
     try:
         patch = sd["visual.embeddings.patch_embedding.weight"]  # (D, C, p, p)
-        words = sd["text.embeddings.word_embeddings.weight"]  # (V, H)
         vision_cfg = VisionConfig(
             image_size=vision.get("image_size", 224), patch_size=patch.shape[-1], hidden_size=patch.shape[0],
             intermediate_size=sd["visual.encoder.layers.0.mlp.fc1.weight"].shape[0],
             num_layers=_count_layers(sd, "visual.encoder.layers."), num_heads=patch.shape[0] // 64,
             layer_norm_eps=1e-6, act="gelu", class_token=True, pre_norm=False, patch_bias=True,
             num_channels=patch.shape[1])
-        text_cfg = BertConfig(
-            vocab_size=words.shape[0], hidden_size=words.shape[1], num_layers=_count_layers(sd, "text.encoder.layer."),
-            num_heads=words.shape[1] // 64,
-            intermediate_size=sd["text.encoder.layer.0.intermediate.dense.weight"].shape[0],
-            max_position_embeddings=sd["text.embeddings.position_embeddings.weight"].shape[0],
-            type_vocab_size=sd["text.embeddings.token_type_embeddings.weight"].shape[0])
+        text_cfg = bert_config_from_state(sd, "text.")
     except KeyError as e:
         raise ValueError(f"{source}: not a timm ViT + BERT open_clip checkpoint ({e} missing)") from None
     cfg = ExpertConfig(vision=vision_cfg, text=text_cfg, embed_dim=model.get("embed_dim", 512),
