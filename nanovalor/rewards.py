@@ -21,8 +21,8 @@ import numpy as np
 
 from nanovalor.chexpert import (CHEXPERT_LABELS, COMPETITION_LABELS, CheXbert, clinical_f1,  # noqa: F401
                                 clinical_reward, label_report, label_reports, load_chexbert)
-from nanovalor.nlg import (CiderD, _ngram_counts, bleu, cider_d, clean_report, lcs_length, meteor,  # noqa: F401
-                           porter_stem, rouge_l)
+from nanovalor.nlg import (CiderD, _as_ref_lists, _ngram_counts, bleu, cider_d, clean_report, lcs_length,  # noqa: F401
+                           meteor, porter_stem, rouge_l)
 
 # Components a text reward can mix. cider is CIDEr-D on its own scale (x10: about 0..10, mostly below 3), the
 # others lie in [0, 1]; clinical is clinical_reward on the rule labeler's labels, chexbert the same on CheXbert's.
@@ -103,7 +103,7 @@ def corpus_metrics(hyps, refs, style="coco", chexbert=None) -> dict:
     clinical metrics use the first)."""
     if len(hyps) != len(refs):
         raise ValueError(f"corpus_metrics: {len(hyps)} hypotheses but {len(refs)} references")
-    ref_lists = [[r] if isinstance(r, str) else list(r) for r in refs]
+    ref_lists = _as_ref_lists(refs)
     h = [clean_report(x, style) for x in hyps]
     r = [[clean_report(x, style) for x in rl] for rl in ref_lists]
     out, per = {}, {}
