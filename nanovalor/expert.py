@@ -29,8 +29,9 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 
 from nanovalor.checkpoint import atomic_folder
 from nanovalor.data import ImageProcessing, load_image, preprocess, read_preprocessor_config
-from nanovalor.policy import checkpoint_files, load_checked, read_checkpoint, read_weights, resolve
-from nanovalor.vit import VisionBlock, VisionConfig, VisionTower, vision_config_from_hf
+from nanovalor.policy import (attention_mask_4d, checkpoint_files, load_checked, read_checkpoint, read_weights,
+                              resolve)
+from nanovalor.vit import VisionConfig, VisionEncoder, VisionTower, vision_config_from_hf
 
 # -----------------------------------------------------------------------------
 # BERT encoder (Devlin et al. 2019): post-LayerNorm blocks, learned absolute positions, exact GELU.
@@ -240,11 +241,11 @@ class ClipText(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.hidden_size
-        block = VisionConfig(hidden_size=d, intermediate_size=cfg.intermediate_size, num_heads=cfg.num_heads,
-                             layer_norm_eps=cfg.layer_norm_eps, act=cfg.act)
+        blocks = VisionConfig(hidden_size=d, intermediate_size=cfg.intermediate_size, num_layers=cfg.num_layers,
+                              num_heads=cfg.num_heads, layer_norm_eps=cfg.layer_norm_eps, act=cfg.act)
         self.embeddings = nn.ModuleDict(dict(token_embedding=nn.Embedding(cfg.vocab_size, d),
                                              position_embedding=nn.Embedding(cfg.max_position_embeddings, d)))
-        self.encoder = nn.ModuleDict(dict(layers=nn.ModuleList(VisionBlock(block) for _ in range(cfg.num_layers))))
+        self.encoder = VisionEncoder(blocks)  # encoder.layers.N, as HF's CLIPTextModel names them
         self.final_layer_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
 
     def forward(self, input_ids, attention_mask=None):
@@ -253,11 +254,10 @@ class ClipText(nn.Module):
         if T > self.cfg.max_position_embeddings:
             raise ValueError(f"CLIP text input of {T} tokens: at most {self.cfg.max_position_embeddings}")
         x = self.embeddings["token_embedding"](input_ids) + self.embeddings["position_embedding"].weight[:T]
-        keep = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()[None, None]  # (1, 1, T, T) causal
-        if attention_mask is not None:
-            keep = keep & attention_mask.bool()[:, None, None, :]  # (B, 1, T, T), padded keys hidden
-            keep = keep | torch.eye(T, dtype=torch.bool, device=keep.device)  # no empty softmax row (left padding)
-        for block in self.encoder["layers"]:
+        # (B, 1, T, T): causal, padded keys hidden, each query sees itself (no empty softmax row under left padding)
+        keep = attention_mask_4d(torch.ones_like(input_ids) if attention_mask is None else attention_mask, T, 0,
+                                 input_ids.device)
+        for block in self.encoder.layers:
             x = block(x, keep)
         return self.final_layer_norm(x)
 
