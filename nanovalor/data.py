@@ -218,7 +218,10 @@ def load_image(path) -> Image.Image:
 def to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB. 16-bit and other high-depth X-rays are scaled to 0..255 by their own min..max (not clipped:
     a 12-bit image in a 16-bit PNG would otherwise come out almost black); transparency is composited onto white,
-    as transformers' convert_to_rgb does, so that our pixels equal the reference processors'."""
+    as transformers' convert_to_rgb does, so that our pixels equal the reference processors'. An RGB image without
+    transparency comes back as it is (load_image has converted it already; convert would only copy it)."""
+    if image.mode == "RGB" and image.info.get("transparency") is None:
+        return image
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         pixels = np.asarray(image, dtype=np.float64)
         lo, hi = pixels.min(), pixels.max()
