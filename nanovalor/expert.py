@@ -154,7 +154,7 @@ def load_bert_tokenizer(folder, max_length=512):
     continuations, [CLS] ... [SEP]. Longer inputs are truncated to max_length tokens, specials included."""
     folder = Path(folder)
     if (folder / "tokenizer.json").exists():
-        return _finish_tokenizer(Tokenizer.from_file(str(folder / "tokenizer.json")), folder, max_length, "[PAD]")
+        return finish_tokenizer(Tokenizer.from_file(str(folder / "tokenizer.json")), folder, max_length, "[PAD]")
     if not (folder / "vocab.txt").exists():
         raise FileNotFoundError(f"{folder}: no tokenizer.json or vocab.txt for the BERT tokenizer")
     lines = (folder / "vocab.txt").read_text(encoding="utf-8").splitlines()
@@ -169,7 +169,7 @@ def load_bert_tokenizer(folder, max_length=512):
                                                 strip_accents=None, lowercase=lower)  # None: follows lowercase
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.post_processor = processors.BertProcessing(("[SEP]", vocab["[SEP]"]), ("[CLS]", vocab["[CLS]"]))
-    return _finish_tokenizer(tok, folder, max_length, "[PAD]")
+    return finish_tokenizer(tok, folder, max_length, "[PAD]")
 
 
 def load_clip_tokenizer(folder, max_length=77):
@@ -183,10 +183,12 @@ def load_clip_tokenizer(folder, max_length=77):
     if (folder / "tokenizer_config.json").exists():
         pad = json.loads((folder / "tokenizer_config.json").read_text()).get("pad_token", pad)
         pad = pad["content"] if isinstance(pad, dict) else pad
-    return _finish_tokenizer(Tokenizer.from_file(str(folder / "tokenizer.json")), folder, max_length, pad)
+    return finish_tokenizer(Tokenizer.from_file(str(folder / "tokenizer.json")), folder, max_length, pad)
 
 
-def _finish_tokenizer(tok, folder, max_length, pad):
+def finish_tokenizer(tok, folder, max_length, pad):
+    """The expert's tokenizer settings: truncated to max_length tokens, padded to the longest in a batch with `pad`
+    (or the padding token tokenizer.json sets); an error naming `folder` if the vocabulary lacks it."""
     pad = (tok.padding or {}).get("pad_token", pad)  # a tokenizer.json that sets its own padding keeps it
     if tok.token_to_id(pad) is None:
         raise ValueError(f"{folder}: the tokenizer has no padding token {pad!r}")

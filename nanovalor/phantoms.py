@@ -440,13 +440,12 @@ def tiny_expert(folder):
     from tokenizers import Tokenizer, processors
 
     from nanovalor.data import read_preprocessor_config
-    from nanovalor.expert import BertConfig, Expert, ExpertConfig
+    from nanovalor.expert import BertConfig, Expert, ExpertConfig, finish_tokenizer
 
     tokenizer = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
     tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 1),
                                                                                                    ("</s>", 2)])
-    tokenizer.enable_padding(pad_id=3, pad_token="<pad>")
-    tokenizer.enable_truncation(128)
+    tokenizer = finish_tokenizer(tokenizer, folder, 128, "<pad>")  # truncated to 128 tokens, padded with <pad> = 3
     text = BertConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=96, num_layers=3, num_heads=4,
                       intermediate_size=384, max_position_embeddings=128, pad_token_id=3)
     return Expert(ExpertConfig(vision=_vision(), text=text, embed_dim=64, context_length=128), tokenizer,
