@@ -122,6 +122,7 @@ def _phrase_banks(text):
 
 
 BANKS = _phrase_banks(PHRASES)
+NEGATIVE_BANKS = sorted((b for b in BANKS if b.startswith("no ")), key=lambda b: (-len(b.split()), b))  # larger first
 
 
 def write_report(findings: dict, rng) -> tuple[str, tuple]:
@@ -143,7 +144,7 @@ def write_report(findings: dict, rng) -> tuple[str, tuple]:
                       rib={4: "4th", 5: "5th", 6: "6th", 7: "7th", 8: "8th", 9: "9th"}.get(p.get("rib")))
         chosen.append((TOPIC[name], sentence.format(**fields), labels))
     stated = set()  # pertinent negatives: each absent finding at most once, larger groups first
-    for bank in sorted((b for b in BANKS if b.startswith("no ")), key=lambda b: (-len(b.split()), b)):
+    for bank in NEGATIVE_BANKS:
         absent = bank.split()[1:]
         if stated.isdisjoint(absent) and not any(a in findings for a in absent) and rng.random() < 0.55:
             stated.update(absent)
