@@ -16,7 +16,8 @@ import torch
 
 from nanovalor.data import DEFAULT_PROMPT, load_image, preprocess, read_preprocessor_config
 from nanovalor.generate import decode_completions, encode_prompts, sample
-from nanovalor.rewards import CHEXPERT_LABELS, corpus_metrics
+from nanovalor.chexpert import NO_FINDING, _positive
+from nanovalor.rewards import corpus_metrics
 
 # (name in the table, key, format); the direction each is better in goes in the README.
 METRICS = [("BLEU-1", "bleu1"), ("BLEU-2", "bleu2"), ("BLEU-3", "bleu3"), ("BLEU-4", "bleu4"), ("ROUGE-L", "rougeL"),
@@ -60,16 +61,19 @@ def greedy_reports(policy, tokenizer, studies, prompt=DEFAULT_PROMPT, batch_size
     return reports
 
 
+def normal_share(labels) -> float:
+    """The share of label vectors (14-tuples of chexpert's labels) with No Finding = 1.0; 0.0 for none."""
+    return float(np.mean([row[NO_FINDING] == 1.0 for row in labels])) if labels else 0.0
+
+
 def finding_rates(hyp_labels, ref_labels):
     """(hallucination, omission, normal share) over the 13 findings (positive or uncertain = stated):
     hallucination = stated findings the reference does not have / all stated findings; omission = reference
     findings the report does not state / all reference findings; normal share = reports labelled No Finding."""
-    stated = np.array([[v in (1.0, -1.0) for v in row[:13]] for row in hyp_labels], dtype=bool).reshape(-1, 13)
-    truth = np.array([[v in (1.0, -1.0) for v in row[:13]] for row in ref_labels], dtype=bool).reshape(-1, 13)
+    stated, truth = _positive(hyp_labels)[:, :13].astype(bool), _positive(ref_labels)[:, :13].astype(bool)  # (N, 13)
     hallucination = (stated & ~truth).sum() / max(1, stated.sum())
     omission = (truth & ~stated).sum() / max(1, truth.sum())
-    normal = np.mean([row[CHEXPERT_LABELS.index("No Finding")] == 1.0 for row in hyp_labels]) if hyp_labels else 0
-    return float(hallucination), float(omission), float(normal)
+    return float(hallucination), float(omission), normal_share(hyp_labels)
 
 
 def report_metrics(reports, studies, expert=None):
