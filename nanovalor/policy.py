@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from nanovalor.checkpoint import atomic_folder
-from nanovalor.vit import VisionBlock, VisionConfig, VisionTower, vision_config_from_hf  # noqa: F401 (expert.py)
+from nanovalor.vit import VisionConfig, VisionTower, vision_config_from_hf
 
 
 # -----------------------------------------------------------------------------
@@ -391,17 +391,19 @@ def config_to_hf(cfg: LlavaConfig):
 # Checkpoints. One explicit key map per layout: ordered (checkpoint prefix -> our prefix) rules, the first match
 # wins; None marks known tensors that we do not use. Our names are transformers' in-memory names minus "model.".
 
-HF_LLAVA_KEYS = [
+LLAVA_HF_NAMES = [  # (our prefix, llava-hf's): what save() writes, as llava-hf/* and transformers 5.x name it
+    ("language_model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+    ("vision_tower.", "vision_tower.vision_model."),
+    ("multi_modal_projector.", "multi_modal_projector."),
+]
+HF_LLAVA_KEYS = [(hub, ours) for ours, hub in LLAVA_HF_NAMES] + [  # no name matches two rules that disagree
     ("model.language_model.", "language_model."),  # newer transformers saves
-    ("language_model.model.", "language_model."),  # llava-hf/* and transformers 5.x saves
-    ("language_model.lm_head.", "lm_head."),
     ("lm_head.", "lm_head."),
     ("model.vision_tower.vision_model.", "vision_tower."),
-    ("vision_tower.vision_model.", "vision_tower."),  # llava-hf/* (what save() writes)
     ("model.vision_tower.", "vision_tower."),
     ("vision_tower.", "vision_tower."),  # transformers 5.x saves
     ("model.multi_modal_projector.", "multi_modal_projector."),
-    ("multi_modal_projector.", "multi_modal_projector."),
 ]
 ORIGINAL_LLAVA_KEYS = [  # github.com/haotian-liu/LLaVA (and LLaVA-Med): LlavaLlamaForCausalLM and its siblings
     ("model.mm_projector.0.", "multi_modal_projector.linear_1."),  # nn.Sequential(Linear, GELU, Linear)
@@ -569,13 +571,11 @@ def save(model, folder):
     tokenizer and preprocessor files of the checkpoint it came from), loadable by transformers'
     LlavaForConditionalGeneration and by load(). Atomic (checkpoint.atomic_folder)."""
     config = config_to_hf(model.cfg)
-    hub_names = [("language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
-                 ("vision_tower.", "vision_tower.vision_model."), ("multi_modal_projector.", "multi_modal_projector.")]
     tensors = {}
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and model.cfg.text.tie_embeddings:
             continue
-        old, new = next((o, n) for o, n in hub_names if name.startswith(o))
+        old, new = next((o, n) for o, n in LLAVA_HF_NAMES if name.startswith(o))
         tensors[new + name[len(old):]] = t.detach().cpu().contiguous()
     from safetensors.torch import save_file
 
