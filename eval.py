@@ -34,7 +34,7 @@ import torch
 
 from nanovalor import expert as experts
 from nanovalor import policy as policies
-from nanovalor.config import parse
+from nanovalor.config import checked, parse
 from nanovalor.data import DEFAULT_PROMPT, read_dataset
 from nanovalor.evaluation import METRICS, evaluate, table, training_config
 from nanovalor.generate import load_tokenizer
@@ -63,14 +63,6 @@ class Config:
     hyps: str = ""  # the file mode: generated reports, one per line ...
     refs: str = ""  # ... and the references, line by line
     style: str = "coco"  # file mode: text normalisation before the NLG metrics (r2gen: periods are tokens)
-
-
-def checked(fn, *args, **kwargs):
-    """fn(*args): bad input (a missing file, a malformed checkpoint or dataset) ends the script with its message."""
-    try:
-        return fn(*args, **kwargs)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 def files_mode(cfg):

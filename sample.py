@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from nanovalor import policy as policies
-from nanovalor.config import parse
+from nanovalor.config import checked, parse
 from nanovalor.data import DEFAULT_PROMPT, load_image, preprocess, read_preprocessor_config
 from nanovalor.evaluation import training_config
 from nanovalor.generate import chat_prompt, decode_completions, encode_prompt, left_pad, load_tokenizer, sample
@@ -47,14 +47,6 @@ class Config:
     seed: int = 0
     heatmap: str = ""  # write the attention map PNG here
     device: str = ""  # "": cuda when available, else cpu
-
-
-def checked(fn, *args, **kwargs):
-    """fn(*args): bad input (a missing file, a malformed checkpoint) ends the script with its one-line message."""
-    try:
-        return fn(*args, **kwargs)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 @torch.no_grad()

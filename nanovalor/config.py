@@ -3,6 +3,7 @@
 Each entry script (train.py, sample.py, eval.py) keeps its whole configuration in one dataclass with documented
 defaults; `parse(Config, argv)` returns an instance with the overrides applied. An unknown field or a value of the
 wrong type is an error that names it. Fields typed `list[str]` may be given several times (`--image a --image b`).
+`checked(fn, ...)` turns such an error, or a missing or malformed input file, into a one-line `error: ...` exit.
 """
 import dataclasses
 import sys
@@ -50,6 +51,14 @@ def parse(config_class, argv=None):
         value = _convert(name, fields[name], text)
         values[name] = values.get(name, []) + value if isinstance(value, list) else value
     return config_class(**values)
+
+
+def checked(fn, *args, **kwargs):
+    """fn(*args): bad input (a missing file, a malformed checkpoint or dataset) ends the script with its message."""
+    try:
+        return fn(*args, **kwargs)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def diff(config, defaults=None):

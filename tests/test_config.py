@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from nanovalor.config import diff, parse
+from nanovalor.config import checked, diff, parse
 
 
 @dataclass
@@ -36,3 +36,13 @@ def test_overrides_and_types():
 def test_bad_arguments(argv, message):
     with pytest.raises(ValueError, match=message):
         parse(Cfg, argv)
+
+
+def test_checked_exits_with_the_message():
+    assert checked(int, "7") == 7
+    with pytest.raises(SystemExit, match=r"^error: unknown option --stpes"):
+        checked(parse, Cfg, ["--stpes=3"])
+    with pytest.raises(SystemExit, match=r"^error: .*no-such-file"):
+        checked(open, "no-such-file")
+    with pytest.raises(KeyError):  # not bad input: a bug, with its traceback
+        checked({}.__getitem__, "x")
