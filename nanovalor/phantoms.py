@@ -42,6 +42,10 @@ LOBES = {  # centre (u, v) and radius in the canonical frame; u < 0 is the patie
     "right lower lobe": (-0.48, 0.34, 0.16), "left upper lobe": (0.45, -0.34, 0.2),
     "left lower lobe": (0.56, 0.34, 0.14)}
 DEVICES = ("endotracheal tube", "enteric tube", "central venous catheter", "pacemaker")
+CTR_EDGES = (0.54, 0.59, 0.65, 0.72)  # cardiomegaly: the cardiothoracic ratio's range for each of GRADES
+EDEMA_EDGES = (0.07, 0.11, 0.15, 0.2)  # edema: the haze density's range for each of GRADES
+WIDE_MEDIASTINUM = (0.22, 0.28)  # the mediastinum's half-width when widened (a patient's own: 0.1 to 0.13)
+FRACTURE_RIBS, FRACTURE_POS = (4, 10), (0.4, 0.56)  # a broken rib (4th to 9th) and where across it (|u|)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -56,9 +60,9 @@ def sample_findings(rng) -> dict:
     f = {}
     if scenario == "cardiac":
         if chance(0.85):
-            f["cardiomegaly"] = _graded(rng, pick(GRADES, (0.45, 0.35, 0.2)), (0.54, 0.59, 0.65, 0.72))
+            f["cardiomegaly"] = _graded(rng, pick(GRADES, (0.45, 0.35, 0.2)), CTR_EDGES)
         if chance(0.6 if f else 0.35):
-            f["edema"] = _graded(rng, pick(GRADES, (0.5, 0.35, 0.15)), (0.07, 0.11, 0.15, 0.2))
+            f["edema"] = _graded(rng, pick(GRADES, (0.5, 0.35, 0.15)), EDEMA_EDGES)
         if chance(0.5):
             f["effusion"] = _pleural(rng, pick(("bilateral", "right", "left"), (0.55, 0.3, 0.15)))
         if chance(0.25):
@@ -75,9 +79,9 @@ def sample_findings(rng) -> dict:
         if chance(0.35):
             f["effusion"] = _pleural(rng, pick(("bilateral", "right", "left")))
         if chance(0.25):
-            f["edema"] = _graded(rng, pick(GRADES, (0.5, 0.4, 0.1)), (0.07, 0.11, 0.15, 0.2))
+            f["edema"] = _graded(rng, pick(GRADES, (0.5, 0.4, 0.1)), EDEMA_EDGES)
         if chance(0.25):
-            f["cardiomegaly"] = _graded(rng, pick(GRADES, (0.6, 0.3, 0.1)), (0.54, 0.59, 0.65, 0.72))
+            f["cardiomegaly"] = _graded(rng, pick(GRADES, (0.6, 0.3, 0.1)), CTR_EDGES)
         if chance(0.2):  # ventilator-associated pneumonia, aspiration
             f["consolidation"] = _consolidation(rng, pick(tuple(LOBES), (0.1, 0.1, 0.4, 0.1, 0.3)))
         if chance(0.08):
@@ -85,7 +89,8 @@ def sample_findings(rng) -> dict:
     elif scenario == "trauma":
         side = pick(SIDES)
         if chance(0.85):
-            f["fracture"] = {"side": side, "rib": int(rng.integers(4, 10)), "pos": rng.uniform(0.4, 0.56)}
+            f["fracture"] = {"side": side, "rib": int(rng.integers(*FRACTURE_RIBS)),
+                             "pos": rng.uniform(*FRACTURE_POS)}
         if chance(0.5 if f else 1.0):
             f["pneumothorax"] = _pleural(rng, side if chance(0.85) else pick(SIDES))
         if chance(0.15):
@@ -100,7 +105,7 @@ def sample_findings(rng) -> dict:
         if "nodule" not in f and chance(0.03):
             f["nodule"] = _nodule(rng, "nodule", pick(tuple(LOBES)))
         if chance(0.12 if scenario in ("trauma", "oncology") else 0.02):
-            f["mediastinum"] = {"width": rng.uniform(0.22, 0.28)}
+            f["mediastinum"] = {"width": rng.uniform(*WIDE_MEDIASTINUM)}
     return f
 
 
@@ -307,11 +312,20 @@ def _device(u, v, name, dome_l, px):
 def make_study(seed: int, split: str, index: int, size=SIZE) -> dict:
     """Study `index` of `split`: findings, patient and report each from their own random stream, so each is a
     pure function of (seed, split, index)."""
-    streams = [np.random.default_rng([seed, SPLITS[split], index, k]) for k in range(3)]
-    findings = sample_findings(streams[0])
-    report, labels = write_report(findings, streams[2])
-    return {"id": f"phantom-{split}-{index:05d}", "image": render(sample_patient(streams[1]), findings, size),
-            "report": report, "labels": labels, "findings": findings, "captions": describe(findings)}
+    study = make_report(seed, split, index)
+    return {**study, "image": render(sample_patient(_stream(seed, split, index, 1)), study["findings"], size)}
+
+
+def make_report(seed: int, split: str, index: int) -> dict:
+    """make_study without the image (nor its cost): the same findings, report, labels and captions."""
+    findings = sample_findings(_stream(seed, split, index, 0))
+    report, labels = write_report(findings, _stream(seed, split, index, 2))
+    return {"id": f"phantom-{split}-{index:05d}", "report": report, "labels": labels, "findings": findings,
+            "captions": describe(findings)}
+
+
+def _stream(seed, split, index, k):  # a study's random streams: 0 findings, 1 patient, 2 report
+    return np.random.default_rng([seed, SPLITS[split], index, k])
 
 
 CAPTIONS = {"cardiomegaly": "{grade} cardiomegaly", "edema": "{grade} edema", "effusion": "{size} {side} effusion",

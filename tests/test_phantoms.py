@@ -24,6 +24,7 @@ S = phantoms.SIZE
 def test_same_seed_same_study_and_other_seeds_differ():
     a, b = phantoms.make_study(0, "train", 7), phantoms.make_study(0, "train", 7)
     assert a["report"] == b["report"] and a["labels"] == b["labels"] and a["image"].tobytes() == b["image"].tobytes()
+    assert phantoms.make_report(0, "train", 7) == {k: v for k, v in a.items() if k != "image"}  # the same streams
     for other in (phantoms.make_study(1, "train", 7), phantoms.make_study(0, "val", 7),
                   phantoms.make_study(0, "train", 8)):
         assert other["image"].tobytes() != a["image"].tobytes()
@@ -51,8 +52,8 @@ def test_generate_is_byte_identical_and_read_by_the_data_module(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # labels and reports
 
-def _studies(n, seed=0):
-    return [phantoms.make_study(seed, "train", i) for i in range(n)]
+def _studies(n, seed=0):  # the findings, reports and labels of training studies, not their images
+    return [phantoms.make_report(seed, "train", i) for i in range(n)]
 
 
 def test_labels_match_findings_and_sentences():
@@ -221,8 +222,8 @@ def _devices(img, p, f):  # radiopaque: pixels brighter than any anatomy, image-
 
 VISIBLE = {  # finding: (sampler of its parameters, statistic, minimal AUC against normal patients)
     "cardiomegaly": (lambda r: {"cardiomegaly": phantoms._graded(r, phantoms.GRADES[r.integers(3)],
-                                                                 (0.54, 0.59, 0.65, 0.72))}, _heart_width, 0.97),
-    "mediastinum": (lambda r: {"mediastinum": {"width": r.uniform(0.22, 0.28)}}, _mediastinum, 0.97),
+                                                                 phantoms.CTR_EDGES)}, _heart_width, 0.97),
+    "mediastinum": (lambda r: {"mediastinum": {"width": r.uniform(*phantoms.WIDE_MEDIASTINUM)}}, _mediastinum, 0.97),
     "effusion": (lambda r: {"effusion": phantoms._pleural(r, phantoms.SIDES[r.integers(2)])}, _effusion, 0.97),
     "small effusion": (lambda r: {"effusion": phantoms._pleural(r, phantoms.SIDES[r.integers(2)], (1, 0, 0))},
                        _effusion, 0.95),
@@ -232,13 +233,14 @@ VISIBLE = {  # finding: (sampler of its parameters, statistic, minimal AUC again
                                                                         (1, 0, 0))}, _pneumothorax, 0.9),
     "consolidation": (lambda r: {"consolidation": {"lobe": list(phantoms.LOBES)[r.integers(5)], "du": 0, "dv": 0,
                                                    "r": 1.0, "shape": r.uniform(0, 6)}}, _consolidation, 0.97),
-    "edema": (lambda r: {"edema": phantoms._graded(r, phantoms.GRADES[r.integers(3)], (0.07, 0.11, 0.15, 0.2))},
+    "edema": (lambda r: {"edema": phantoms._graded(r, phantoms.GRADES[r.integers(3)], phantoms.EDEMA_EDGES)},
               _edema, 0.95),
     "atelectasis": (lambda r: {"atelectasis": phantoms._atelectasis(r)}, _atelectasis, 0.95),
     "nodule": (lambda r: {"nodule": phantoms._nodule(r, "nodule", list(phantoms.LOBES)[r.integers(5)])}, _nodule,
                0.95),
-    "fracture": (lambda r: {"fracture": {"side": phantoms.SIDES[r.integers(2)], "rib": int(r.integers(4, 10)),
-                                         "pos": r.uniform(0.4, 0.56)}}, _fracture, 0.9),
+    "fracture": (lambda r: {"fracture": {"side": phantoms.SIDES[r.integers(2)],
+                                         "rib": int(r.integers(*phantoms.FRACTURE_RIBS)),
+                                         "pos": r.uniform(*phantoms.FRACTURE_POS)}}, _fracture, 0.9),
     "devices": (lambda r: {"devices": [phantoms.DEVICES[r.integers(4)]]}, _devices, 0.97),
 }
 
