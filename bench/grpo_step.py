@@ -99,24 +99,21 @@ def build_world(folder, n_prompts, prompt_tokens):
 
 def load_ours(folder):
     """The saved Qwen2 decoder inside a nanovalor Llava (tiny unused ViT and projector, both frozen)."""
-    import torch
-    from safetensors.torch import load_file
-
-    from nanovalor.policy import Llava, LlavaConfig, decoder_config_from_hf
+    from nanovalor.policy import Llava, LlavaConfig, decoder_config_from_hf, read_checkpoint
     from nanovalor.vit import VisionConfig
 
     text = decoder_config_from_hf(json.loads((folder / "config.json").read_text()), str(folder / "config.json"))
     vision = VisionConfig(image_size=16, patch_size=8, hidden_size=32, intermediate_size=64, num_layers=1,
                           num_heads=2)
     model = Llava(LlavaConfig(vision=vision, text=text, image_token_id=text.vocab_size + 1,
-                              eos_token_id=[text.vocab_size]))
+                              eos_token_id=[text.vocab_size]))  # NEVER: what sample() stops at
     # transformers' Qwen2ForCausalLM names -> ours: model.* -> language_model.*, lm_head.* as it is
-    weights = {re.sub(r"^model\.", "language_model.", k): t for k, t in load_file(folder / "model.safetensors").items()}
+    weights, unmapped = read_checkpoint(folder, [("model.", "language_model."), ("lm_head.", "lm_head.")])
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not k.startswith(("vision_tower.", "multi_modal_projector."))]
-    if missing or unexpected:
+    if missing or unmapped or unexpected:
         raise SystemExit(f"the decoder weights do not map onto nanovalor's Llava: missing {missing}, "
-                         f"unexpected {unexpected}")
+                         f"unexpected {unmapped + unexpected}")
     model.vision_tower.requires_grad_(False)
     model.multi_modal_projector.requires_grad_(False)  # text-only: what trains is what TRL trains
     return model
@@ -160,7 +157,6 @@ def worker_ours(args, folder, prompts):
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(0)
     no_images = torch.zeros(0, 3, 16, 16)  # text-only prompts: CompletionLogprobs encodes no image
-    eos = [model.cfg.eos_token_id[0]]  # NEVER: outside the vocabulary
     rss, reset = memory_mark()
     say(ready=True, trained=sum(p.numel() for p in params), rss=rss, reset=reset)
     for step in itertools.count():
@@ -169,7 +165,7 @@ def worker_ours(args, folder, prompts):
         t0, c0 = time.perf_counter(), time.process_time()
         batch = [prompts[(step * B + b) % len(prompts)] for b in range(B)]
         ids, mask = left_pad([tok.encode(p).ids for p in batch], pad_token_id=3)  # (B, Tp)
-        samples = sample(model, ids, mask, group_size=G, max_new_tokens=N, eos_token_id=eos, generator=generator)
+        samples = sample(model, ids, mask, group_size=G, max_new_tokens=N, generator=generator)
         texts = decode_completions(tok, samples)  # (B*G,)
         rewards = torch.tensor([reward(t) for t in texts]).view(B, G)
         advantages = group_advantages(rewards, "zscore").flatten()  # (B*G,)
