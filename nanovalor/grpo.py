@@ -139,7 +139,7 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, *, eps_low=0.2, eps_
         is_clipped = ((ratio < 1 - eps_low) & (A < 0)) | ((ratio > 1 + eps_high) & (A > 0))  # where the clip bites
         stats = {
             "clip_frac": (is_clipped & mask).sum() / n,
-            "ratio_err": torch.where(mask, (ratio - 1).abs(), 0.0).max() if mask.any() else ratio.new_zeros(()),
+            "ratio_err": torch.where(mask, (ratio - 1).abs(), 0.0).max() if ratio.numel() else ratio.new_zeros(()),
             "kl": (kl_tok.sum() / n) if kl_tok is not None else ratio.new_zeros(()),
             "tokens": mask.sum(),
         }
@@ -257,7 +257,10 @@ def update(scorer, reference, pixels, prompt_ids, prompt_mask, tokens, mask, sam
     if reference is not None:  # never wrapped: a no-grad forward needs no DDP / FSDP hooks
         with torch.no_grad(), autocast(device):
             ref_logp = torch.cat([logprobs(CompletionLogprobs(reference), s, False) for s in parts])
-    sums, ratio_err, finite = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0}, 0.0, True
+    # Running sums stay on the device: reading a value to the host each micro-batch would stall the GPU queue.
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    sums, ratio_err = dict.fromkeys(("loss", "kl", "clip_frac", "entropy"), zero), zero
+    finite = torch.ones((), dtype=torch.bool, device=device)
     for epoch in range(mu):
         for i, s in enumerate(parts):
             r = slice(s.start * G, s.stop * G)
@@ -268,11 +271,12 @@ def update(scorer, reference, pixels, prompt_ids, prompt_mask, tokens, mask, sam
                                        total_tokens=total_tokens, total_seqs=total_seqs, entropy=ent.detach(),
                                        **loss_options)
                 (loss * world).backward()
-            finite &= bool(torch.isfinite(loss))
-            sums["loss"] += loss.item() / mu
+            finite &= torch.isfinite(loss)
+            sums["loss"] = sums["loss"] + loss.detach().double() / mu
             for k in ("kl", "clip_frac", "entropy"):  # token-weighted means over the global batch
-                sums[k] += float(st[k]) * float(st["tokens"]) / float(total_tokens) / mu
+                sums[k] = sums[k] + st[k].double() * st["tokens"] / total_tokens / mu
             if epoch == 0:  # how far the trainer's log-probs are from the sampler's: 0 up to float error
-                ratio_err = max(ratio_err, float(torch.where(mask[r], (logp.detach() - sampler_logp[r]).abs(), 0).max()))
-    stats = dict(zip(sums, all_sum(list(sums.values()), device).tolist()))
-    return stats | {"ratio_err": ratio_err}, finite
+                ratio_err = torch.maximum(ratio_err, torch.where(mask[r], (logp.detach() - sampler_logp[r]).abs(), 0)
+                                          .max().double())
+    stats = dict(zip(sums, all_sum(torch.stack(list(sums.values())), device).tolist()))
+    return stats | {"ratio_err": float(ratio_err)}, bool(finite)

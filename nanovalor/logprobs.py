@@ -368,9 +368,9 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, entropy=False, back
                          f"{weight.device} and {targets.device}")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"token_logprobs: temperature must be a finite number > 0, got {temperature!r}")
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):
-        raise ValueError(f"token_logprobs: targets must lie in [0, {weight.shape[0]}), got values in "
-                         f"[{int(targets.min())}, {int(targets.max())}]")
+    lo, hi = torch.stack(torch.aminmax(targets)).tolist() if targets.numel() else (0, 0)  # one device sync
+    if lo < 0 or hi >= weight.shape[0]:
+        raise ValueError(f"token_logprobs: targets must lie in [0, {weight.shape[0]}), got values in [{lo}, {hi}]")
     if backend == "auto":
         backend = "triton" if hidden.is_cuda else "torch"
     if backend == "triton" and not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":

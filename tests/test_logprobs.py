@@ -27,13 +27,8 @@ RTOL = {torch.float32: 1e-5, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -
 
 
 @pytest.fixture(autouse=True)
-def small_torch_chunks_one_thread(monkeypatch):
+def small_torch_chunks(monkeypatch):  # (conftest.py runs the suite on one torch thread)
     monkeypatch.setattr(logprobs, "TORCH_CHUNK_ELEMENTS", 37 * 110)  # N = 37: 10 chunks of 110 columns, V = 1031
-    # These tensors are tiny: a second OpenMP thread only adds a sync per op, 10-20 ms each on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_inputs(n, vocab, d, dtype, seed=0):
