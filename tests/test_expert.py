@@ -412,18 +412,13 @@ def test_trained_tiny_expert_ranks_the_matching_report_first(tmp_path):
     rng = np.random.default_rng(0)
     opt = torch.optim.AdamW(expert.parameters(), lr=1e-3)  # (3e-3 stalls on some seeds, 1e-3 learned 10 of 10)
     target = torch.arange(len(reports)).repeat_interleave(8)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread is fastest, and the run is the same on every machine
-    try:
-        for _ in range(150):  # InfoNCE, image -> report: 8 fresh images of each scene a step
-            images = torch.stack([_scene(SCENES[r], rng) for r in reports for _ in range(8)])  # (40, 3, 32, 32)
-            logits = expert.encode_images(images) @ expert.encode_texts(ids, mask).T * expert.logit_scale.exp()
-            loss = F.cross_entropy(logits, target)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    finally:
-        torch.set_num_threads(threads)
+    for _ in range(150):  # InfoNCE, image -> report: 8 fresh images of each scene a step (one thread: conftest.py)
+        images = torch.stack([_scene(SCENES[r], rng) for r in reports for _ in range(8)])  # (40, 3, 32, 32)
+        logits = expert.encode_images(images) @ expert.encode_texts(ids, mask).T * expert.logit_scale.exp()
+        loss = F.cross_entropy(logits, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     held_out = np.random.default_rng(1)
     images = torch.stack([_scene(SCENES[r], held_out) for r in reports for _ in range(3)])  # (15, 3, 32, 32)
     shuffled = [reports[2:] + reports[:2]] * 15  # the right answer is never first in the list
