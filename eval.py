@@ -139,6 +139,7 @@ def models_mode(cfg):
     print(f"{cfg.split} split of {cfg.data}: {len(studies)} studies; expert: {expert_path or 'none'}", file=sys.stderr)
 
     rows, record = {}, dict(data=cfg.data, split=cfg.split, n=len(studies), expert=expert_path, models={})
+    commit = git_commit()  # the code that evaluates every model: two git processes, once
     for name in cfg.model:
         start = time.time()
         model = checked(policies.load, name, device=device)
@@ -148,7 +149,7 @@ def models_mode(cfg):
         cap = cfg.max_new_tokens or trained.get("max_new_tokens", 128)
         rows[name], reports = evaluate(model, tok, studies, expert, prompt, cfg.batch_size, cap)
         print(f"{name}: {len(studies)} reports in {time.time() - start:.1f} s", file=sys.stderr)
-        row = dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), commit=git_commit(),
+        row = dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), commit=commit,
                    model=name, split=cfg.split, n=len(studies), data=cfg.data, config=config_diff(trained),
                    metrics=rows[name])
         append_result(cfg.results, row)
