@@ -35,8 +35,8 @@ import torch
 from nanovalor import expert as experts
 from nanovalor import policy as policies
 from nanovalor.config import checked, parse
-from nanovalor.data import DEFAULT_PROMPT, read_dataset
-from nanovalor.evaluation import METRICS, evaluate, table, training_config
+from nanovalor.data import read_dataset
+from nanovalor.evaluation import METRICS, evaluate, generation_settings, table, training_config
 from nanovalor.generate import load_tokenizer
 from nanovalor.rewards import corpus_metrics, read_lines, write_atomic
 
@@ -145,8 +145,7 @@ def models_mode(cfg):
         model = checked(policies.load, name, device=device)
         tok = checked(load_tokenizer, model.source)
         trained = checked(training_config, model.source)
-        prompt = cfg.prompt or trained.get("prompt", DEFAULT_PROMPT)
-        cap = cfg.max_new_tokens or trained.get("max_new_tokens", 128)
+        prompt, cap = generation_settings(trained, cfg.prompt, cfg.max_new_tokens)
         rows[name], reports = evaluate(model, tok, studies, expert, prompt, cfg.batch_size, cap)
         print(f"{name}: {len(studies)} reports in {time.time() - start:.1f} s", file=sys.stderr)
         row = dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), commit=commit,

@@ -30,8 +30,8 @@ from PIL import Image
 
 from nanovalor import policy as policies
 from nanovalor.config import checked, parse
-from nanovalor.data import DEFAULT_PROMPT, load_image, preprocess, read_preprocessor_config
-from nanovalor.evaluation import training_config
+from nanovalor.data import load_image, preprocess, read_preprocessor_config
+from nanovalor.evaluation import generation_settings, training_config
 from nanovalor.generate import chat_prompt, decode_completions, encode_prompt, left_pad, load_tokenizer, sample
 from nanovalor.policy import apply_rope, rope_cos_sin
 
@@ -117,8 +117,7 @@ def main(cfg):
     model = checked(policies.load, cfg.model, device=device)
     tok = checked(load_tokenizer, model.source)
     trained = checked(training_config, model.source)  # {} for a checkpoint not written by train.py
-    prompt = cfg.prompt or trained.get("prompt", DEFAULT_PROMPT)
-    cap = cfg.max_new_tokens or trained.get("max_new_tokens", 128)
+    prompt, cap = generation_settings(trained, cfg.prompt, cfg.max_new_tokens)
     processing = checked(read_preprocessor_config, model.preprocessor_config or {})
     pixels = preprocess(images, processing).to(device)  # (n, 3, S, S)
     prompts = [encode_prompt(tok, chat_prompt(model.cfg, prompt), model.cfg)] * len(images)

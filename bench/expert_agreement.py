@@ -7,6 +7,7 @@ For n test studies, a policy samples G reports each (T = 1, as in training); eve
 CheXpert labeler), and the within-group rank correlation of the two is averaged over the groups with any spread:
 the visual stage's rank advantages move the policy towards clinically better reports only as far as it is above 0.
 The same is printed for the text reward, and for the expert's cosine with the *reference* report as an upper mark.
+The prompt and the length cap are those the checkpoint was trained with unless --prompt / --max_new_tokens say so.
 """
 import argparse
 import sys
@@ -18,8 +19,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nanovalor import expert as experts  # noqa: E402
 from nanovalor import policy as policies  # noqa: E402
-from nanovalor.data import DEFAULT_PROMPT, read_dataset  # noqa: E402
-from nanovalor.evaluation import images_of  # noqa: E402
+from nanovalor.data import read_dataset  # noqa: E402
+from nanovalor.evaluation import generation_settings, images_of, training_config  # noqa: E402
 from nanovalor.generate import decode_completions, encode_prompts, load_tokenizer, sample  # noqa: E402
 from nanovalor.grpo import rank  # noqa: E402
 from nanovalor.rewards import clinical_reward, label_reports, parse_weights, text_reward  # noqa: E402
@@ -30,7 +31,8 @@ parser.add_argument("--expert", default="out/expert/checkpoint")
 parser.add_argument("--data", default="out/phantoms/annotation.json")
 parser.add_argument("--n", type=int, default=64)
 parser.add_argument("--G", type=int, default=8)
-parser.add_argument("--max_new_tokens", type=int, default=96)
+parser.add_argument("--prompt", default="", help="default: the checkpoint's training prompt, else DEFAULT_PROMPT")
+parser.add_argument("--max_new_tokens", type=int, default=0, help="0: the checkpoint's training cap, else 128")
 parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
 
@@ -38,8 +40,9 @@ torch.manual_seed(args.seed)
 policy, expert = policies.load(args.model), experts.load(args.expert)
 tok = load_tokenizer(policy.source)
 studies = read_dataset(args.data, "test")[:args.n]
-ids, mask = encode_prompts(tok, policy.cfg, [DEFAULT_PROMPT] * len(studies))
-out = sample(policy, ids, mask, images_of(policy, studies), group_size=args.G, max_new_tokens=args.max_new_tokens,
+prompt, cap = generation_settings(training_config(policy.source), args.prompt, args.max_new_tokens)
+ids, mask = encode_prompts(tok, policy.cfg, [prompt] * len(studies))
+out = sample(policy, ids, mask, images_of(policy, studies), group_size=args.G, max_new_tokens=cap,
              generator=torch.Generator().manual_seed(args.seed))
 texts = decode_completions(tok, out)  # (n*G,)
 refs = [s.report for s in studies for _ in range(args.G)]

@@ -29,7 +29,7 @@ METRICS = [("BLEU-1", "bleu1"), ("BLEU-2", "bleu2"), ("BLEU-3", "bleu3"), ("BLEU
 
 def training_config(folder):
     """The train.py config a checkpoint was trained with (train_config.json beside its weights), {} if absent:
-    sample.py and eval.py take the training prompt from it, eval.py the config difference of a results row."""
+    generation_settings reads the training prompt from it, eval.py the config difference of a results row."""
     path = Path(folder) / "train_config.json"
     if not path.exists():
         return {}
@@ -37,6 +37,12 @@ def training_config(folder):
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not readable JSON ({e})") from None
+
+
+def generation_settings(trained, prompt="", max_new_tokens=0):
+    """(prompt, max_new_tokens) to sample from a checkpoint with: those given, else those it was trained with
+    (`trained`: its training_config), else data.DEFAULT_PROMPT and 128. One rule for sample.py, eval.py, bench/."""
+    return prompt or trained.get("prompt", DEFAULT_PROMPT), max_new_tokens or trained.get("max_new_tokens", 128)
 
 
 def images_of(policy, studies):
