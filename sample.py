@@ -32,7 +32,7 @@ from nanovalor import policy as policies
 from nanovalor.config import checked, parse
 from nanovalor.data import load_image, preprocess, read_preprocessor_config
 from nanovalor.evaluation import generation_settings, training_config
-from nanovalor.generate import chat_prompt, decode_completions, encode_prompt, left_pad, load_tokenizer, sample
+from nanovalor.generate import decode_completions, encode_prompts, load_tokenizer, sample
 from nanovalor.policy import apply_rope, rope_cos_sin
 
 
@@ -120,10 +120,10 @@ def main(cfg):
     prompt, cap = generation_settings(trained, cfg.prompt, cfg.max_new_tokens)
     processing = checked(read_preprocessor_config, model.preprocessor_config or {})
     pixels = preprocess(images, processing).to(device)  # (n, 3, S, S)
-    prompts = [encode_prompt(tok, chat_prompt(model.cfg, prompt), model.cfg)] * len(images)
-    ids, mask = left_pad(prompts)  # the same prompt for each image: no padding, in fact
+    ids, mask = encode_prompts(tok, model.cfg, [prompt] * len(images))  # (n, T0): one prompt, so no padding
+    ids, mask = ids.to(device), mask.to(device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    out = sample(model, ids.to(device), mask.to(device), pixels, max_new_tokens=cap,
+    out = sample(model, ids, mask, pixels, max_new_tokens=cap,
                  temperature=cfg.temperature, top_p=cfg.top_p, generator=generator)
     for path, report in zip(cfg.image, decode_completions(tok, out)):
         print(f"{path}: {report}", flush=True)
@@ -132,8 +132,8 @@ def main(cfg):
     panels = []
     for i, path in enumerate(cfg.image):
         generated = out.tokens[i][out.mask[i]]  # (m,) the report's tokens, EOS included when it stopped
-        seq = torch.cat([torch.tensor(prompts[i], device=device), generated])[None]  # (1, T0 + m)
-        queries = torch.arange(m := len(generated), device=device) + len(prompts[i]) - 1  # each predicted a token
+        seq = torch.cat([ids[i], generated])[None]  # (1, T0 + m)
+        queries = torch.arange(m := len(generated), device=device) + ids.shape[1] - 1  # each predicted a token
         probs = attention_probs(model, seq, pixels[i:i + 1], queries)  # (L, H, m, T0 + m)
         heat, share = image_attention(model, probs, seq)
         print(f"{path}: {share:.1%} of the attention of the report's {m} queries is on the image", file=sys.stderr)
