@@ -13,7 +13,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -23,7 +22,7 @@ from nanovalor.data import read_dataset  # noqa: E402
 from nanovalor.evaluation import generation_settings, images_of, training_config  # noqa: E402
 from nanovalor.generate import decode_completions, encode_prompts, load_tokenizer, sample  # noqa: E402
 from nanovalor.grpo import rank  # noqa: E402
-from nanovalor.rewards import clinical_reward, label_reports, parse_weights, text_reward  # noqa: E402
+from nanovalor.rewards import parse_weights, text_reward  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--model", default="out/text/checkpoint")
@@ -46,10 +45,12 @@ out = sample(policy, ids, mask, images_of(policy, studies), group_size=args.G, m
              generator=torch.Generator().manual_seed(args.seed))
 texts = decode_completions(tok, out)  # (n*G,)
 refs = [s.report for s in studies for _ in range(args.G)]
-sim = expert.similarity([s.images[0] for s in studies], [texts[i * args.G:(i + 1) * args.G] for i in range(len(studies))])
-ref_labels = label_reports([s.report for s in studies])
-clinical = torch.tensor([clinical_reward(h, ref_labels[i // args.G]) for i, h in enumerate(label_reports(texts))])
-text = torch.as_tensor(text_reward(texts, refs, parse_weights("bleu4=0.25,rougeL=0.25,clinical=0.5"))[0])
+# One expert pass per study: its G samples and, as column G, its own report.
+groups = [texts[i * args.G:(i + 1) * args.G] + [s.report] for i, s in enumerate(studies)]
+cosines = expert.similarity([s.images[0] for s in studies], groups)  # (n, G + 1)
+sim, own = cosines[:, :args.G], cosines[:, args.G]
+text, parts = text_reward(texts, refs, parse_weights("bleu4=0.25,rougeL=0.25,clinical=0.5"))
+text, clinical = torch.as_tensor(text), torch.as_tensor(parts["clinical"])  # (n*G,) each
 
 
 def agreement(a, b):
@@ -64,6 +65,5 @@ clinical = clinical.view(-1, args.G).float()
 for name, score in (("expert cosine (visual reward)", sim), ("text reward", text.view(-1, args.G))):
     rho, groups = agreement(score, clinical)
     print(f"{name:<32} vs clinical reward: mean within-group Spearman {rho:+.3f} over {groups} groups")
-own = expert.similarity([s.images[0] for s in studies], [[s.report] for s in studies])[:, 0]
 print(f"expert cosine: reference reports {own.mean():.4f}, sampled reports {sim.mean():.4f}; "
       f"share of groups where the reference outscores every sample: {float((own[:, None] > sim).all(1).float().mean()):.3f}")
