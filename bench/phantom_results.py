@@ -18,7 +18,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from nanovalor.evaluation import METRICS  # noqa: E402
+from nanovalor.evaluation import METRICS, table  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -41,10 +41,9 @@ for seed in args.seeds:
     for name, stage in zip(models, ("SFT", "+ text", "+ text + visual")):
         runs.setdefault(stage, []).append(record["models"][name]["metrics"])
 
-keys = [(name, key) for name, key in METRICS if all(key in m for ms in runs.values() for m in ms)]
+cells = {}  # stage -> {metric every seed has: "mean ± std"}
+for stage, ms in runs.items():
+    cells[stage] = {key: f"{np.mean([m[key] for m in ms]):.3f} ± {np.std([m[key] for m in ms]):.3f}"
+                    for _, key in METRICS if all(key in m for m in ms)}
 print(f"phantom world, test split, seeds {args.seeds}: mean +- std")
-print("| stage | " + " | ".join(name for name, _ in keys) + " |")
-print("|---" * (len(keys) + 1) + "|")
-for stage, metrics in runs.items():
-    cells = [f"{np.mean([m[k] for m in metrics]):.3f} ± {np.std([m[k] for m in metrics]):.3f}" for _, k in keys]
-    print(f"| {stage} | " + " | ".join(cells) + " |")
+print(table(cells, "stage"))

@@ -102,11 +102,12 @@ def evaluate(policy, tokenizer, studies, expert=None, prompt=DEFAULT_PROMPT, bat
     return report_metrics(reports, studies, expert), reports
 
 
-def table(rows):
-    """{run name: metrics} -> a markdown table, one column per metric present in every row."""
+def table(rows, first="run"):
+    """{run name: metrics} -> a markdown table, one column per metric present in every row. A value that is a
+    string is written as it is (bench/phantom_results.py's "mean ± std"); `first` heads the runs' column."""
     keys = [(name, key) for name, key in METRICS if all(key in m for m in rows.values())]
-    lines = ["| run | " + " | ".join(name for name, _ in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines = [f"| {first} | " + " | ".join(name for name, _ in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    cell = lambda v, key: v if isinstance(v, str) else f"{v:.4f}" if key != "words" else f"{v:.1f}"
     for run, m in rows.items():
-        lines.append(f"| {run} | " + " | ".join(f"{m[key]:.4f}" if key != "words" else f"{m[key]:.1f}"
-                                                for _, key in keys) + " |")
+        lines.append(f"| {run} | " + " | ".join(cell(m[key], key) for _, key in keys) + " |")
     return "\n".join(lines)
