@@ -30,7 +30,7 @@ from nanovalor import expert as experts
 from nanovalor import policy as policies
 from nanovalor.config import diff, parse
 from nanovalor.data import DEFAULT_PROMPT, Batches, collate, read_dataset, read_preprocessor_config
-from nanovalor.evaluation import greedy_reports, report_metrics, table
+from nanovalor.evaluation import greedy_reports, normal_share, report_metrics, table
 from nanovalor.generate import decode_completions, encode_prompts, load_tokenizer, sample
 from nanovalor.rewards import CiderD, clean_report, label_reports, parse_weights, text_reward
 
@@ -181,13 +181,13 @@ def main(cfg):
     val = read_dataset(cfg.data, "val", cfg.image_root or None)[:cfg.val_n] if cfg.eval_every else []
 
     # ---- the model, what trains, the reference, the DDP / FSDP wrapper, the optimizer
+    expert = experts.load(cfg.expert, device) if cfg.expert else None
     if cfg.stage == "expert":
         model = experts.load(cfg.model) if cfg.model else phantoms.tiny_expert(Path(cfg.data).parent)
         processing = model.processing
     else:
         if cfg.stage == "sft" and not cfg.model:  # the phantom world: a fresh tiny policy on the expert's ViT
-            vit = experts.load(cfg.expert).visual if cfg.expert else None
-            model = phantoms.tiny_policy(Path(cfg.data).parent, vit)
+            model = phantoms.tiny_policy(Path(cfg.data).parent, expert.visual if expert else None)
         else:
             model = policies.load(cfg.model, torch.float32)
         processing = read_preprocessor_config(model.preprocessor_config or {})
@@ -198,7 +198,6 @@ def main(cfg):
                  f"trained ({cfg.train})")
     grpo_stage = cfg.stage in ("text", "visual")
     reference = grpo.reference_model(model) if grpo_stage and cfg.beta else None  # the stage's starting policy
-    expert = experts.load(cfg.expert, device) if cfg.expert else None
     if cfg.resume:  # the weights of out/<stage>/checkpoint; the reference stays the stage's start
         model.load_state_dict((experts.load if cfg.stage == "expert" else policies.load)(run / "checkpoint")
                               .state_dict())
@@ -290,7 +289,7 @@ def main(cfg):
         else:
             prompt_ids, prompt_mask = (t.to(device) for t in encode_prompts(tok, model.cfg, batch["prompts"]))
             if grpo_stage:
-                stats, finite = grpo_step(cfg, model, wrapped, reference, expert, tok, chunk, batch, pixels,
+                stats, finite = grpo_step(cfg, model, wrapped, reference, expert, tok, batch, pixels,
                                           prompt_ids, prompt_mask, weights, cider, step, rank, world, device, micro,
                                           fsdp)
             else:
@@ -352,10 +351,10 @@ def sft_step(cfg, model, wrapped, tok, batch, pixels, prompt_ids, prompt_mask, w
     return {"loss": loss, "tokens": int(total)}, math.isfinite(loss)
 
 
-def grpo_step(cfg, model, wrapped, reference, expert, tok, chunk, batch, pixels, prompt_ids, prompt_mask, weights,
+def grpo_step(cfg, model, wrapped, reference, expert, tok, batch, pixels, prompt_ids, prompt_mask, weights,
               cider, step, rank, world, device, micro, fsdp):
     """Roll out G reports per study, score them (text rewards, or the expert), and accumulate the GRPO gradient."""
-    B, G = len(chunk), cfg.group_size
+    B, G = len(batch["ids"]), cfg.group_size
     with torch.no_grad(), dist.gathered(wrapped, fsdp), grpo.autocast(device):
         model.eval()  # nothing in the model depends on it, but rollouts are inference
         samples = sample(model, prompt_ids, prompt_mask, pixels, group_size=G, max_new_tokens=cfg.max_new_tokens,
@@ -367,7 +366,7 @@ def grpo_step(cfg, model, wrapped, reference, expert, tok, chunk, batch, pixels,
     text_r = torch.as_tensor(text_r).view(B, G)
     rewards = text_r
     if cfg.stage == "visual":  # no reference report: the frozen expert scores each report against its X-ray
-        rewards = expert.similarity([s.images[0] for s in chunk], [texts[b * G:(b + 1) * G] for b in range(B)])
+        rewards = expert.similarity(batch["first_views"], [texts[b * G:(b + 1) * G] for b in range(B)])
     adv = grpo.group_advantages(rewards, cfg.advantage, text_r, cfg.text_weight if cfg.stage == "visual" else 0)
     zero_var = rewards.max(1).values == rewards.min(1).values  # (B,): nothing to learn from these groups
     keep = torch.arange(B)
@@ -378,10 +377,10 @@ def grpo_step(cfg, model, wrapped, reference, expert, tok, chunk, batch, pixels,
     stats = {"reward": float(rewards.mean()), "text_reward": float(text_r.mean())} | {
         k: float(v.mean()) for k, v in parts.items()} | {
         "zero_var": float(zero_var.float().mean()), "length": float(samples.mask.sum(1).float().mean()),
-        "normal": float(np.mean([lab[13] == 1.0 for lab in labels]))}
+        "normal": normal_share(labels)}
     stats = dict(zip(stats, (dist.all_sum(list(stats.values()), device) / world).tolist()))  # global means
     stats["tokens"] = int(dist.all_sum(samples.mask.sum(), device))
-    if dist.all_sum(len(keep), device) == 0:  # dynamic sampling left nothing on any rank
+    if len(keep) == 0:  # dynamic sampling left nothing (keep has the same length on every rank)
         return stats, False
     rows = (keep[:, None] * G + torch.arange(G)).flatten().to(device)  # the kept groups' sample rows
     k = keep.to(device)

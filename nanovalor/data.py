@@ -407,12 +407,14 @@ class Batches:
 def collate(studies: list[Study], proc: ImageProcessing, prompt=DEFAULT_PROMPT) -> dict:
     """A batch for the trainer. pixels: (N, 3, S, S) with N = sum(views), the views of each study in turn; prompt is
     the user's instruction without chat format or image placeholder (policy.py adds those); labels: a list of
-    14-tuples, or None when any study has none."""
-    images = [load_image(path) for study in studies for path in study.images]
+    14-tuples, or None when any study has none; first_views: each study's first X-ray, decoded (the visual stage's
+    expert scores it with its own preprocessing, without reading the file again)."""
+    views = [[load_image(path) for path in study.images] for study in studies]
     labels = [study.labels for study in studies]
     return {
         "ids": [study.id for study in studies],
-        "pixels": preprocess(images, proc),  # (N, 3, S, S)
+        "pixels": preprocess([image for images in views for image in images], proc),  # (N, 3, S, S)
+        "first_views": [images[0] for images in views],  # B PIL images
         "views": [len(study.images) for study in studies],
         "prompts": [prompt] * len(studies),
         "reports": [study.report for study in studies],

@@ -330,5 +330,7 @@ def test_collate(tmp_path):
     assert batch["reports"][2] == "Report number 2. No pneumothorax." and batch["labels"][0][0] == 1.0
     expected = data.preprocess([data.load_image(p) for p in studies[1].images], proc)
     assert torch.equal(batch["pixels"][2:4], expected)
+    assert [image.tobytes() for image in batch["first_views"]] == [
+        data.load_image(study.images[0]).tobytes() for study in studies[:3]]
     studies[1].labels = None
     assert data.collate(studies[:3], proc, prompt="Findings:")["labels"] is None
