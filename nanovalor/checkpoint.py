@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 STATE = "trainer_state.pt"
-_FILLING = set()  # the temporary folders atomic_folder is filling now (resolved paths)
 
 
 def _temporary(path):  # a new name next to `path`, hidden, unique across processes and calls
@@ -28,18 +27,12 @@ def _temporary(path):  # a new name next to `path`, hidden, unique across proces
 
 def atomic_folder(folder, fill):
     """fill(path) writes into the empty folder `path`, which then takes the place of `folder`: the old folder is
-    removed only once the new one is in place, and the temporary one is removed if fill fails. Called again inside
-    a fill on the folder being filled (checkpoint.save's write_model is policy.save or expert.save), it writes into
-    it directly: one temporary folder and one swap."""
+    removed only once the new one is in place, and the temporary one is removed if fill fails."""
     folder = Path(folder)
-    if folder.resolve() in _FILLING:
-        fill(folder)
-        return
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary(folder)
     old = tmp.with_name(tmp.name + ".old")
     tmp.mkdir()
-    _FILLING.add(tmp.resolve())
     try:
         fill(tmp)
         if folder.exists():
@@ -50,8 +43,6 @@ def atomic_folder(folder, fill):
         if old.exists() and not folder.exists():
             old.rename(folder)
         raise
-    finally:
-        _FILLING.discard(tmp.resolve())
     shutil.rmtree(old, ignore_errors=True)
 
 
