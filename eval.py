@@ -34,11 +34,12 @@ import torch
 
 from nanovalor import expert as experts
 from nanovalor import policy as policies
+from nanovalor.checkpoint import write_atomic
 from nanovalor.config import checked, parse
 from nanovalor.data import read_dataset
 from nanovalor.evaluation import METRICS, evaluate, generation_settings, table, training_config
 from nanovalor.generate import load_tokenizer
-from nanovalor.rewards import corpus_metrics, read_lines, write_atomic
+from nanovalor.rewards import corpus_metrics, read_lines
 
 # The file mode's rows: corpus_metrics' part of METRICS (BLEU-1 .. F1-14 macro), METEOR named for its matchers.
 ROWS = [("METEOR (exact+stem)" if key == "meteor" else name, key) for name, key in METRICS[:11]]
@@ -82,7 +83,7 @@ def files_mode(cfg):
         print(f"{name:<20} {metrics[key]:>8.4f}")
     if cfg.json:
         record = dict(hyps=cfg.hyps, refs=cfg.refs, style=cfg.style, n=len(hyps), **metrics)
-        write_atomic(cfg.json, lambda f: json.dump(record, f, indent=1))
+        write_atomic(cfg.json, json.dumps(record, indent=1))
         print(f"per-sample values -> {cfg.json}")
 
 
@@ -159,7 +160,7 @@ def models_mode(cfg):
     print(table(rows))
     print(f"{len(rows)} row(s) -> {cfg.results}", file=sys.stderr)
     if cfg.json:
-        write_atomic(cfg.json, lambda f: json.dump(record, f, indent=1))
+        write_atomic(cfg.json, json.dumps(record, indent=1))
         print(f"metrics and reports -> {cfg.json}", file=sys.stderr)
 
 

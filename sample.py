@@ -20,7 +20,7 @@ growing with attention. Each panel is scaled to its own min..max; stderr gives t
 
 Tests: python -m pytest -q tests/test_scripts.py
 """
-import os
+import io
 import sys
 from dataclasses import dataclass, field
 
@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from nanovalor import policy as policies
+from nanovalor.checkpoint import write_atomic
 from nanovalor.config import checked, parse
 from nanovalor.data import load_image, preprocess, read_preprocessor_config
 from nanovalor.evaluation import generation_settings, training_config
@@ -142,9 +143,9 @@ def main(cfg):
     canvas = Image.new("RGB", (S * len(panels), S))
     for i, panel in enumerate(panels):
         canvas.paste(panel, (i * S, 0))
-    tmp = f"{cfg.heatmap}.tmp{os.getpid()}"  # then renamed: never a half-written file
-    checked(canvas.save, tmp, format="PNG")
-    os.replace(tmp, cfg.heatmap)
+    png = io.BytesIO()
+    canvas.save(png, format="PNG")
+    checked(write_atomic, cfg.heatmap, png.getvalue())
     print(f"attention map ({len(panels)} panel(s) of {S} x {S}) -> {cfg.heatmap}", file=sys.stderr)
 
 

@@ -362,21 +362,12 @@ def load_chexbert(checkpoint, tokenizer_folder, device="cpu") -> CheXbert:
     """CheXbert from `chexbert.pth` (a dict with `model_state_dict`, keys prefixed `module.`), loaded with
     torch.load(weights_only=True), and the bert-base-uncased WordPiece tokenizer in `tokenizer_folder`
     (tokenizer.json or vocab.txt). The BERT shape is read from the weights (heads = hidden / 64, as BERT-base)."""
-    from nanovalor.expert import BertConfig, load_bert_tokenizer
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    state = state.get("model_state_dict", state) if isinstance(state, dict) else state
-    if not isinstance(state, dict):
-        raise ValueError(f"{checkpoint}: expected a state dict (or a dict with 'model_state_dict')")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    from nanovalor.expert import bert_config_from_state, load_bert_tokenizer
+    from nanovalor.policy import read_weights
+    state = {k.removeprefix("module."): v for k, v in read_weights(checkpoint, key="model_state_dict").items()}
     state = {k: v for k, v in state.items() if not k.startswith("bert.pooler.") and not k.endswith("position_ids")}
     try:
-        words = state["bert.embeddings.word_embeddings.weight"]
-        layers = 1 + max(int(k.split(".")[3]) for k in state if k.startswith("bert.encoder.layer."))
-        cfg = BertConfig(vocab_size=words.shape[0], hidden_size=words.shape[1], num_layers=layers,
-                         num_heads=max(1, words.shape[1] // 64),
-                         intermediate_size=state["bert.encoder.layer.0.intermediate.dense.weight"].shape[0],
-                         max_position_embeddings=state["bert.embeddings.position_embeddings.weight"].shape[0],
-                         type_vocab_size=state["bert.embeddings.token_type_embeddings.weight"].shape[0])
+        cfg = bert_config_from_state(state, "bert.")
     except (KeyError, ValueError) as e:
         raise ValueError(f"{checkpoint}: not a CheXbert checkpoint (missing or odd BERT weights: {e})") from None
     model = CheXbert(cfg)

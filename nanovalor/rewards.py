@@ -12,13 +12,13 @@ file mixes them: R_text = sum_k w_k * m_k over the components named in the weigh
 """
 import argparse
 import csv
+import io
 import math
-import os
 import sys
-import tempfile
 
 import numpy as np
 
+from nanovalor.checkpoint import write_atomic
 from nanovalor.chexpert import (CHEXPERT_LABELS, COMPETITION_LABELS, CheXbert, clinical_f1,  # noqa: F401
                                 clinical_reward, label_report, label_reports, load_chexbert)
 from nanovalor.nlg import (CiderD, _as_ref_lists, _ngram_counts, bleu, cider_d, clean_report, lcs_length,  # noqa: F401
@@ -137,31 +137,18 @@ def read_lines(path) -> list:
         raise SystemExit(f"error: {path}, line {line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def write_atomic(path, write):
-    """Write through a temporary file in the same folder, then rename: never a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 # chexpert-labeler's CSV columns (stanfordmlgroup/chexpert-labeler constants.py): No Finding first.
 CSV_COLUMNS = ("Reports", "No Finding") + CHEXPERT_LABELS[:13]
 
 
 def write_label_csv(path, reports, labels):
-    def write(f):
-        w = csv.writer(f)
-        w.writerow(CSV_COLUMNS)
-        for report, row in zip(reports, labels):
-            by_name = dict(zip(CHEXPERT_LABELS, row))
-            w.writerow([report] + ["" if by_name[c] is None else f"{by_name[c]:.1f}" for c in CSV_COLUMNS[1:]])
-    write_atomic(path, write)
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(CSV_COLUMNS)
+    for report, row in zip(reports, labels):
+        by_name = dict(zip(CHEXPERT_LABELS, row))
+        w.writerow([report] + ["" if by_name[c] is None else f"{by_name[c]:.1f}" for c in CSV_COLUMNS[1:]])
+    write_atomic(path, text.getvalue())
 
 
 def main(argv=None):
