@@ -120,8 +120,8 @@ def cpu_bench():
     n, d, vocab = CPU_SHAPE.values()
     print(f"\nCPU, {torch.get_num_threads()} threads: N={n} d={d} V={vocab} fp32 T=1, fwd+bwd, "
           f"median of {args.repeats} interleaved runs; extra memory = peak RSS over the inputs (incl. dH, dW)")
-    print(f"| variant | wall s | vs eager | CPU s | vs eager | extra memory MB | vs eager |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| variant | wall s | vs eager | CPU s | vs eager | extra memory MB | vs eager |")
+    print("|---|---|---|---|---|---|---|")
     base = {}
     for name in variants:
         w, c, mem = statistics.median(wall[name]), statistics.median(cpu[name]), measure_memory(name)
