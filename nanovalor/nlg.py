@@ -187,7 +187,6 @@ class CiderD:
         grams = list(df)
         logs = np.log(np.maximum(1.0, np.array([df[g] for g in grams], dtype=np.float64)))
         self.idf = dict(zip(grams, (self.ref_len - logs).tolist()))
-        self._ref_vectors = {}  # reference -> _vector: a training run vectorises each reference once
 
     def _vector(self, counts):
         """tf-idf vector per n (dicts), their L2 norms, and the "length" (number of bigrams, as pycocoevalcap)."""
@@ -214,7 +213,7 @@ class CiderD:
 
     def __call__(self, hyps, refs, hyp_counts=None):
         """Per-sample CIDEr-D, array (N,); refs: one str or a list per sample."""
-        cache, scores = self._ref_vectors, np.zeros(len(hyps))
+        cache, scores = {}, np.zeros(len(hyps))  # a group's reference is vectorised once per call
         for i, (hyp, ref_list) in enumerate(zip(hyps, _as_ref_lists(refs))):
             counts = hyp_counts[i][1] if hyp_counts is not None else _ngram_counts(hyp, self.n)[1]
             vec = self._vector(counts[:self.n])
