@@ -61,7 +61,7 @@ def checked(fn, *args, **kwargs):
         raise SystemExit(f"error: {e}") from None
 
 
-def diff(config, defaults=None):
+def diff(config):
     """The fields of `config` that differ from the class defaults, as a dict (for results rows and logs)."""
-    defaults = defaults or type(config)()
+    defaults = type(config)()
     return {k: v for k, v in dataclasses.asdict(config).items() if getattr(defaults, k) != v}

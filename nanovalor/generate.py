@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from nanovalor.policy import resolve
+from nanovalor.policy import _ids, resolve
 
 # -----------------------------------------------------------------------------
 # Prompts: the tokenizer, the chat format of each model family, and token ids in transformers' Llava convention.
@@ -250,7 +250,7 @@ def _prepare(model, input_ids, attention_mask, eos_token_id, max_new_tokens):
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens {max_new_tokens}: expected >= 1")
     eos = model.cfg.eos_token_id if eos_token_id is None else eos_token_id
-    eos = torch.tensor([eos] if isinstance(eos, int) else list(eos), dtype=torch.long, device=input_ids.device)
+    eos = torch.tensor(_ids(eos), dtype=torch.long, device=input_ids.device)
     image = model.cfg.image_token_id
     banned = torch.tensor([image], device=input_ids.device) if image < model.cfg.text.vocab_size else None
     return attention_mask, eos, banned

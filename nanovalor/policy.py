@@ -264,14 +264,11 @@ class Llava(nn.Module):
             cache.length += T
         return self.language_model.norm(x if select is None else x[select])
 
-    def forward(self, input_ids, pixel_values=None, image_embeds=None, attention_mask=None, select=None,
-                return_hidden=False):
+    def forward(self, input_ids, pixel_values=None, image_embeds=None, attention_mask=None, select=None):
         """input_ids (B, T) with the image token repeated num_image_tokens times per image, pixel_values
-        (n_images, 3, S, S) or image_embeds (n_images, P, D) -> logits (B, T, V), or (N, V) at `select`.
-        return_hidden=True gives the final-norm hidden states instead (for logprobs.token_logprobs with
-        model.lm_head.weight): the way to get them through DDP / FSDP wrappers, whose hooks run on forward."""
-        h = self.hidden_states(input_ids, pixel_values, image_embeds, attention_mask, select)
-        return h if return_hidden else self.lm_head(h)
+        (n_images, 3, S, S) or image_embeds (n_images, P, D) -> logits (B, T, V), or (N, V) at `select`. Training
+        never builds these logits: grpo.CompletionLogprobs takes hidden_states through the fused LM-head op."""
+        return self.lm_head(self.hidden_states(input_ids, pixel_values, image_embeds, attention_mask, select))
 
 
 # -----------------------------------------------------------------------------

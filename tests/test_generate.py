@@ -273,7 +273,7 @@ def test_bfloat16_weights_sample_with_fp32_logprobs(models, tmp_path):
     full = torch.cat([ids.repeat_interleave(2, 0), out.tokens], 1)
     full_mask = torch.cat([mask.repeat_interleave(2, 0), out.mask.long()], 1)
     with torch.no_grad():
-        hidden = ours(full, pixels.repeat_interleave(2, 0), attention_mask=full_mask, return_hidden=True)
+        hidden = ours.hidden_states(full, pixels.repeat_interleave(2, 0), attention_mask=full_mask)
     logits = hidden[:, ids.shape[1] - 1:-1].float() @ ours.lm_head.weight.float().T
     teacher = F.log_softmax(logits, -1).gather(2, out.tokens[..., None])[..., 0]
     torch.testing.assert_close(out.logprobs, teacher, rtol=0, atol=0.1)
