@@ -19,8 +19,6 @@ from train.py's defaults for that stage (from train_config.json; stage always gi
 Prints corpus BLEU-1..4, ROUGE-L, METEOR, CIDEr-D (pycocoevalcap's numbers on clean_report tokens; METEOR with exact
 + stem matching only) and clinical F1 (CheXpert-14 rule labeler, uncertain = positive, micro / macro over the 5
 competition observations and all 14); --json also writes every sample's values and labels.
-
-Tests: python -m pytest -q tests/test_scripts.py tests/test_rewards.py
 """
 import datetime
 import json
@@ -39,7 +37,9 @@ from nanovalor.config import checked, parse
 from nanovalor.data import read_dataset
 from nanovalor.evaluation import METRICS, evaluate, generation_settings, table, training_config
 from nanovalor.generate import load_tokenizer
-from nanovalor.rewards import corpus_metrics, read_lines
+from nanovalor.weights import resolve
+from nanovalor.nlg import read_reports
+from nanovalor.rewards import corpus_metrics
 
 # The file mode's rows: corpus_metrics' part of METRICS (BLEU-1 .. F1-14 macro), METEOR named for its matchers.
 ROWS = [("METEOR (exact+stem)" if key == "meteor" else name, key) for name, key in METRICS[:11]]
@@ -70,7 +70,7 @@ def files_mode(cfg):
         raise SystemExit("error: the file mode takes --hyps H and --refs R (and no --model)")
     if cfg.style not in ("coco", "r2gen"):
         raise SystemExit(f"error: --style={cfg.style}: expected coco or r2gen")
-    hyps, refs = read_lines(cfg.hyps), read_lines(cfg.refs)
+    hyps, refs = read_reports(cfg.hyps), read_reports(cfg.refs)
     if len(hyps) != len(refs):
         raise SystemExit(f"error: {cfg.hyps} has {len(hyps)} lines but {cfg.refs} has {len(refs)}: "
                          "expected one report per line in both, in the same order")
@@ -128,7 +128,7 @@ def models_mode(cfg):
     if len(set(cfg.model)) < len(cfg.model):
         raise SystemExit(f"error: --model given twice with the same checkpoint: {cfg.model}")
     for name in cfg.model:  # every checkpoint is there before the first is evaluated
-        checked(policies.resolve, name)
+        checked(resolve, name)
     studies = checked(read_dataset, cfg.data, cfg.split, cfg.image_root or None)[:cfg.n or None]
     if not studies:
         raise SystemExit(f"error: {cfg.data}: no studies in split {cfg.split!r}")

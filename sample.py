@@ -17,8 +17,6 @@ queries that predicted each generated token (EOS included: the position before i
 layers and those queries; the image-token columns, in the ViT's row-major patch order, become the
 (image_size / patch_size)^2 grid, which is upsampled bilinearly and drawn blue to red over the X-ray, opacity
 growing with attention. Each panel is scaled to its own min..max; stderr gives the attention share on the image.
-
-Tests: python -m pytest -q tests/test_scripts.py
 """
 import io
 import sys

@@ -1,4 +1,4 @@
-"""Train nanovalor: the SFT warm start, an image-text expert, and VALOR's two GRPO stages (DESIGN.md section 6).
+"""Train nanovalor: the SFT warm start, an image-text expert, and VALOR's two GRPO stages (docs/DESIGN.md section 3).
 
     python train.py --stage text      # on a fresh clone: builds the phantom world, its SFT warm start and its expert
                                       # when absent (cached in out/), then GRPO with text rewards; prints the
@@ -32,7 +32,9 @@ from nanovalor.config import diff, parse
 from nanovalor.data import DEFAULT_PROMPT, Batches, collate, read_dataset, read_preprocessor_config
 from nanovalor.evaluation import greedy_reports, normal_share, report_metrics, table
 from nanovalor.generate import decode_completions, encode_prompts, load_tokenizer, sample
-from nanovalor.rewards import CiderD, clean_report, label_reports, parse_weights, text_reward
+from nanovalor.chexpert import clinical_reward, label_reports
+from nanovalor.nlg import CiderD, clean_report
+from nanovalor.rewards import parse_weights, text_reward
 
 
 @dataclass
@@ -341,9 +343,9 @@ def sft_step(cfg, model, wrapped, tok, batch, pixels, prompt_ids, prompt_mask, w
     tokens = torch.tensor([r + [0] * (n - len(r)) for r in reports], device=device)  # (B, n), right-padded
     mask = torch.arange(n, device=device)[None] < torch.tensor([len(r) for r in reports], device=device)[:, None]
     total = dist.all_sum(mask.sum(), device)
-    parts, loss_sum = grpo.micro_batches(len(reports), micro), 0.0
+    parts, loss_sum = dist.micro_batches(len(reports), micro), 0.0
     for i, s in enumerate(parts):
-        with dist.no_sync_unless_last(wrapped, i, len(parts)), grpo.autocast(device):
+        with dist.no_sync_unless_last(wrapped, i, len(parts)), dist.autocast(device):
             loss = -wrapped(pixels[s], prompt_ids[s], prompt_mask[s], tokens[s], mask[s]).sum() / total * world
             loss.backward()  # DDP averages over ranks, so * world makes it the global token mean
         loss_sum += loss.item() / world
@@ -355,7 +357,7 @@ def grpo_step(cfg, model, wrapped, reference, expert, tok, batch, pixels, prompt
               cider, step, rank, world, device, micro, fsdp):
     """Roll out G reports per study, score them (text rewards, or the expert), and accumulate the GRPO gradient."""
     B, G = len(batch["ids"]), cfg.group_size
-    with torch.no_grad(), dist.gathered(wrapped, fsdp), grpo.autocast(device):
+    with torch.no_grad(), dist.gathered(wrapped, fsdp), dist.autocast(device):
         model.eval()  # nothing in the model depends on it, but rollouts are inference
         samples = sample(model, prompt_ids, prompt_mask, pixels, group_size=G, max_new_tokens=cfg.max_new_tokens,
                          temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
@@ -404,9 +406,9 @@ class Contrastive(torch.nn.Module):
 
 def contrastive_step(wrapped, pixels, ids, mask, micro):
     """CLIP's loss; each micro-batch's own in-batch negatives (on each rank)."""
-    parts, total = grpo.micro_batches(len(ids), micro), 0.0
+    parts, total = dist.micro_batches(len(ids), micro), 0.0
     for i, s in enumerate(parts):
-        with dist.no_sync_unless_last(wrapped, i, len(parts)), grpo.autocast(pixels.device):
+        with dist.no_sync_unless_last(wrapped, i, len(parts)), dist.autocast(pixels.device):
             loss = wrapped(pixels[s], ids[s], mask[s]) / len(parts)
             loss.backward()
         total += loss.item()
@@ -418,7 +420,6 @@ def expert_metrics(expert, split, processing):
     """Retrieval on held-out studies: how often an X-ray's own report scores highest among all of them (top-1),
     and the clinical agreement of the report it ranks first (reports repeat in a dataset: many are normal)."""
     from nanovalor.data import load_image, preprocess
-    from nanovalor.rewards import clinical_reward
     expert.eval()
     images = expert.encode_images(preprocess([load_image(s.images[0]) for s in split], processing))
     texts = expert.encode_texts(*expert.tokenize([s.report for s in split]))

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from transformers import BertConfig as HFBertConfig, BertModel, BertTokenizer, ViTConfig, ViTModel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from nanovalor.expert import BertConfig, Expert, ExpertConfig, load_bert_tokenizer  # noqa: E402
+from nanovalor.bert import BertConfig, load_bert_tokenizer  # noqa: E402
+from nanovalor.expert import Expert, ExpertConfig  # noqa: E402
 from nanovalor.vit import VisionConfig  # noqa: E402
 
 parser = argparse.ArgumentParser()

@@ -20,7 +20,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from nanovalor.nlg import CiderD, _ngram_counts, bleu, clean_report, rouge_l  # noqa: E402
+from nanovalor.nlg import CiderD, bleu, clean_report, ngram_counts, rouge_l  # noqa: E402
 from nanovalor.chexpert import label_report  # noqa: E402
 from nanovalor.rewards import parse_weights, text_reward  # noqa: E402
 
@@ -56,7 +56,7 @@ def pycoco():
 
 
 def ours():
-    counts = [_ngram_counts(h) for h in hyps]  # shared by BLEU and CIDEr-D
+    counts = [ngram_counts(h) for h in hyps]  # shared by BLEU and CIDEr-D
     return bleu(hyps, refs, hyp_counts=counts)[1][:, 3], rouge_l(hyps, refs)[1], CiderD(refs)(hyps, refs, counts)
 
 

@@ -1,5 +1,5 @@
-"""Clinical metrics of chest X-ray reports: a rule-based CheXpert-14 labeler, clinical F1, the clinical reward,
-and CheXbert (the BERT labeler) when its weights are given.
+"""Clinical metrics of chest X-ray reports: a rule-based CheXpert-14 labeler, clinical F1 and the clinical reward.
+(CheXbert, the BERT labeler, is in bert.py and labels with the same values.)
 
 The labeler follows the CheXpert labeler's pipeline (Irvin et al. 2019, github.com/stanfordmlgroup/chexpert-labeler):
 mention phrases per observation, negation and uncertainty rules, then the CheXpert aggregation. CheXpert classifies
@@ -22,17 +22,21 @@ No Finding is 1.0 when no observation other than Support Devices (and no other f
 granuloma or scoliosis) is positive or uncertain, and blank otherwise.
 
 clinical_f1 scores label vectors as f1chexbert does (uncertain = positive; micro / macro F1 over the 5 competition
-observations and all 14); clinical_reward is a per-sample agreement in (0, 1] (formula in its docstring);
-load_chexbert reads `chexbert.pth` and labels with the same 1.0 / 0.0 / -1.0 / None values.
+observations and all 14); clinical_reward is a per-sample agreement in (0, 1] (formula in its docstring).
 
-    python -m nanovalor.rewards label reports.txt --out labels.csv
+    python -m nanovalor.chexpert label reports.txt --out labels.csv    # chexpert-labeler's CSV format
 """
+import argparse
+import csv
+import io
 import re
+import sys
 from functools import lru_cache
 
 import numpy as np
-import torch
-import torch.nn as nn
+
+from nanovalor.checkpoint import write_atomic
+from nanovalor.nlg import read_reports
 
 # The 14 CheXpert observations, in the order CheXpert, CheXbert and f1chexbert use (stanfordmlgroup/CheXbert
 # src/constants.py). Label vectors throughout nanovalor follow this order.
@@ -280,7 +284,7 @@ def label_reports(texts) -> list:
 
 # ---------------------------------------------------------------------------------------------------- clinical F1
 
-def _positive(labels):
+def positive(labels):
     """(N, 14) 0/1 array: positive or uncertain counts as present (f1chexbert's convention), blank/negative not."""
     return np.array([[v in (1.0, -1.0) for v in row] for row in labels], dtype=np.int64).reshape(-1, 14)
 
@@ -289,7 +293,7 @@ def clinical_f1(hyp_labels, ref_labels) -> dict:
     """Micro and macro F1 of hypothesis labels against reference labels, over the 5 competition observations and
     all 14, uncertain counted as positive (f1chexbert, RadEval), an observation without any positive on either
     side scoring F1 = 0 in the macro mean (sklearn's zero_division=0). Also each observation's F1."""
-    hyp, ref = _positive(hyp_labels), _positive(ref_labels)
+    hyp, ref = positive(hyp_labels), positive(ref_labels)
     tp = (hyp & ref).sum(0)  # (14,)
     fp, fn = (hyp & (1 - ref)).sum(0), ((1 - hyp) & ref).sum(0)
     per_label = np.where(2 * tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 0.0)
@@ -320,60 +324,34 @@ def clinical_reward(hyp_labels, ref_labels) -> float:
     return (1.0 + sum(min(h, r) for h, r in both)) / (1.0 + sum(max(h, r) for h, r in both))
 
 
-# ------------------------------------------------------------------------------------------------------- CheXbert
+# -----------------------------------------------------------------------------
+# The labeler as a command: one report per line in, chexpert-labeler's CSV out.
 
-class CheXbert(nn.Module):
-    """CheXbert (Smit et al. 2020, github.com/stanfordmlgroup/CheXbert): BERT-base, then on the [CLS] vector 13
-    linear heads with 4 classes (blank, positive, negative, uncertain) and one with 2 (blank, positive) for
-    No Finding. Parameter names follow the released chexbert.pth (bert.*, linear_heads.N.*)."""
-
-    CLASS_TO_LABEL = (None, 1.0, 0.0, -1.0)  # CheXbert's class index -> our label value
-
-    def __init__(self, cfg):
-        super().__init__()
-        from nanovalor.expert import Bert  # lazily: expert.py imports data.py, which imports this module
-        self.bert = Bert(cfg)
-        h = cfg.hidden_size
-        self.linear_heads = nn.ModuleList([nn.Linear(h, 4) for _ in range(13)] + [nn.Linear(h, 2)])
-        self.tokenizer = None
-
-    def forward(self, input_ids, attention_mask):
-        """input_ids, attention_mask (B, T) -> list of 14 logit tensors, (B, 4) x 13 and (B, 2)."""
-        cls = self.bert(input_ids, attention_mask)[:, 0]  # (B, H)
-        return [head(cls) for head in self.linear_heads]
-
-    @torch.no_grad()
-    def label(self, texts, batch_size=32) -> list:
-        """14-label tuples (1.0 / 0.0 / -1.0 / None) for each text; reports longer than 512 tokens are truncated."""
-        from nanovalor.expert import tokenize
-        if self.tokenizer is None:
-            raise ValueError("CheXbert.label: no tokenizer (load the model with load_chexbert)")
-        device = next(self.parameters()).device
-        out = []
-        for start in range(0, len(texts), batch_size):
-            chunk = [" ".join(str(t).split()) for t in texts[start:start + batch_size]]  # CheXbert's cleaning
-            ids, mask = tokenize(self.tokenizer, chunk)
-            classes = torch.stack([x.argmax(-1) for x in self(ids.to(device), mask.to(device))], 1)  # (b, 14)
-            out += [tuple(self.CLASS_TO_LABEL[c] for c in row) for row in classes.tolist()]
-        return out
+# chexpert-labeler's CSV columns (stanfordmlgroup/chexpert-labeler constants.py): No Finding first.
+CSV_COLUMNS = ("Reports", "No Finding") + CHEXPERT_LABELS[:13]
 
 
-def load_chexbert(checkpoint, tokenizer_folder, device="cpu") -> CheXbert:
-    """CheXbert from `chexbert.pth` (a dict with `model_state_dict`, keys prefixed `module.`), loaded with
-    torch.load(weights_only=True), and the bert-base-uncased WordPiece tokenizer in `tokenizer_folder`
-    (tokenizer.json or vocab.txt). The BERT shape is read from the weights (heads = hidden / 64, as BERT-base)."""
-    from nanovalor.expert import bert_config_from_state, load_bert_tokenizer
-    from nanovalor.policy import read_weights
-    state = {k.removeprefix("module."): v for k, v in read_weights(checkpoint, key="model_state_dict").items()}
-    state = {k: v for k, v in state.items() if not k.startswith("bert.pooler.") and not k.endswith("position_ids")}
-    try:
-        cfg = bert_config_from_state(state, "bert.")
-    except (KeyError, ValueError) as e:
-        raise ValueError(f"{checkpoint}: not a CheXbert checkpoint (missing or odd BERT weights: {e})") from None
-    model = CheXbert(cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{checkpoint}: CheXbert weights do not match: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    model.tokenizer = load_bert_tokenizer(tokenizer_folder, max_length=512)
-    return model.to(device).eval()
+def write_label_csv(path, reports, labels):
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(CSV_COLUMNS)
+    for report, row in zip(reports, labels):
+        by_name = dict(zip(CHEXPERT_LABELS, row))
+        w.writerow([report] + ["" if by_name[c] is None else f"{by_name[c]:.1f}" for c in CSV_COLUMNS[1:]])
+    write_atomic(path, text.getvalue())
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m nanovalor.chexpert", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    label = sub.add_parser("label", help="label one report per line with the 14 CheXpert observations")
+    label.add_argument("reports", help="text file, one report per line (UTF-8; lines end at \\n or \\r\\n)")
+    label.add_argument("--out", required=True, help="CSV to write: Reports + 14 columns of 1.0 / 0.0 / -1.0 / empty")
+    args = parser.parse_args(argv)
+    reports = read_reports(args.reports)
+    write_label_csv(args.out, reports, label_reports(reports))
+    print(f"labelled {len(reports)} reports -> {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -17,8 +17,6 @@ Batching: Batches(studies, batch_size, seed, rank, world_size) is a plain iterat
 processes: chest X-rays are decoded in the training process, a few ms per batch at the sizes we train), with a
 position (epoch, index) that state_dict() saves and load_state_dict() restores exactly. collate() makes pixels,
 prompts, reference reports and labels.
-
-    python -m pytest -q tests/test_data.py
 """
 import json
 import logging
@@ -30,7 +28,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from nanovalor.rewards import CHEXPERT_LABELS
+from nanovalor.chexpert import CHEXPERT_LABELS
+from nanovalor.nlg import clean_report
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +66,7 @@ def read_annotation(path, split="train", image_root=None, views="first", skip_ba
     image_root: folder the image paths are relative to; default `images/` beside the file if it exists, else the
     file's own folder. views: "first" (the frontal view in R2Gen's IU-Xray files) or "all". skip_bad: skip missing
     or unreadable images (and studies left without one) instead of failing. clean: a style of
-    nanovalor.rewards.clean_report to apply to the reports (None keeps them as written).
+    nanovalor.nlg.clean_report to apply to the reports (None keeps them as written).
     """
     path = Path(path)
     try:
@@ -130,8 +129,6 @@ def _studies(entries, source, image_root, views, skip_bad, clean) -> list[Study]
     if views not in ("first", "all"):
         raise ValueError(f"views must be 'first' or 'all', got {views!r}")
     root = os.path.abspath(image_root)
-    if clean is not None:
-        from nanovalor.rewards import clean_report  # the one normaliser, shared with the metrics
     seen, studies, bad = {}, [], []
     for where, study_id, images, report, labels in entries:
         if study_id in seen:

@@ -1,4 +1,5 @@
-"""The little torch.distributed that train.py needs: the same script alone, under torchrun with DDP, or with FSDP2.
+"""The little torch.distributed that train.py needs: the same script alone, under torchrun with DDP, or with FSDP2;
+and how a rank's batch runs: micro-batches (gradient accumulation) under bf16 autocast on CUDA.
 
     python train.py ...                               # one process: every helper here is a no-op
     torchrun --nproc_per_node=2 train.py ...          # gloo on CPU, NCCL on GPU
@@ -48,6 +49,16 @@ def gather_objects(obj):
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def micro_batches(n, size):
+    """Slices that cut n rows into micro-batches of `size` (the last may be shorter)."""
+    return [slice(i, i + size) for i in range(0, n, size)]
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (fp32 master weights, fp32 log-softmax inside token_logprobs); fp32 on CPU."""
+    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 def no_sync_unless_last(wrapped, i, n):

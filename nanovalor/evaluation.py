@@ -6,7 +6,6 @@ hallucination and omission rates).
     print(table({"sft": metrics}))
 
 train.py calls it before and after a stage and every eval_every steps; eval.py compares checkpoints with it.
-Tests: `python -m pytest -q tests/test_train.py`.
 """
 import json
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 
 from nanovalor.data import DEFAULT_PROMPT, load_image, preprocess, read_preprocessor_config
 from nanovalor.generate import decode_completions, encode_prompts, sample
-from nanovalor.chexpert import NO_FINDING, _positive
+from nanovalor.chexpert import NO_FINDING, positive
 from nanovalor.rewards import corpus_metrics
 
 # (name in the table, key, format); the direction each is better in goes in the README.
@@ -76,7 +75,7 @@ def finding_rates(hyp_labels, ref_labels):
     """(hallucination, omission, normal share) over the 13 findings (positive or uncertain = stated):
     hallucination = stated findings the reference does not have / all stated findings; omission = reference
     findings the report does not state / all reference findings; normal share = reports labelled No Finding."""
-    stated, truth = _positive(hyp_labels)[:, :13].astype(bool), _positive(ref_labels)[:, :13].astype(bool)  # (N, 13)
+    stated, truth = positive(hyp_labels)[:, :13].astype(bool), positive(ref_labels)[:, :13].astype(bool)  # (N, 13)
     hallucination = (stated & ~truth).sum() / max(1, stated.sum())
     omission = (truth & ~stated).sum() / max(1, truth.sum())
     return float(hallucination), float(omission), normal_share(hyp_labels)

@@ -22,7 +22,7 @@ is T = 1, top_p = 1, top_k = 0). Greedy (temperature 0) records log-probs at T =
 
 `sample_naive` runs the whole sequence through the model at every step (no cache, no sharing, the prompt
 repeated G times up front); it draws random numbers in the same order, so with the same generator both samplers
-give the same tokens. Tests: `python -m pytest -q tests/test_generate.py`; speed: `python bench/sample.py`.
+give the same tokens. Speed: `python bench/sample.py`.
 """
 from dataclasses import dataclass
 
@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from nanovalor.policy import _ids, resolve
+from nanovalor.policy import token_ids
+from nanovalor.weights import resolve
 
 # -----------------------------------------------------------------------------
 # Prompts: the tokenizer, the chat format of each model family, and token ids in transformers' Llava convention.
@@ -204,6 +205,25 @@ def shared_prefix_attention(q, prefix_k, prefix_v, own_k, own_v, mask):
     return y.reshape(BG, H, T, hd)
 
 
+class SharedPrefix:
+    """Training-time attention over a shared prompt, in the same cache protocol as KVCache and GroupKVCache (each
+    attention layer calls attend(layer, q, k, v, mask); Llava.hidden_states advances `length`); grpo.py's
+    CompletionLogprobs uses it. The first pass (the B prompts) is
+    plain causal attention that keeps each layer's keys and values; the second (the B*G completions, row b*G + g
+    answering prompt b) attends to its prompt's keys and values and, causally, to its own, in one softmax
+    (shared_prefix_attention, as the sampler does)."""
+
+    def __init__(self):
+        self.k, self.v, self.length = {}, {}, 0
+
+    def attend(self, layer, q, k, v, mask):
+        if layer not in self.k:  # the prompts: (B, H, Tp, hd) queries, (B, H_kv, Tp, hd) keys and values
+            self.k[layer], self.v[layer] = k, v
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                  enable_gqa=q.shape[1] != k.shape[1])
+        return shared_prefix_attention(q, self.k[layer], self.v[layer], k, v, mask)  # (B*G, H, Tc - 1, hd)
+
+
 def filter_logits(scores, top_k=0, top_p=1.0):
     """scores (N, V) (logits or log-probs) with the tokens outside the top-k, and outside the smallest set of
     highest-probability tokens whose mass reaches top_p (nucleus sampling, Holtzman et al., arXiv 1904.09751),
@@ -250,7 +270,7 @@ def _prepare(model, input_ids, attention_mask, eos_token_id, max_new_tokens):
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens {max_new_tokens}: expected >= 1")
     eos = model.cfg.eos_token_id if eos_token_id is None else eos_token_id
-    eos = torch.tensor(_ids(eos), dtype=torch.long, device=input_ids.device)
+    eos = torch.tensor(token_ids(eos), dtype=torch.long, device=input_ids.device)
     image = model.cfg.image_token_id
     banned = torch.tensor([image], device=input_ids.device) if image < model.cfg.text.vocab_size else None
     return attention_mask, eos, banned

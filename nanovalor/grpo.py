@@ -16,18 +16,14 @@ Choices that are ours, where the VALOR paper (arXiv 2512.16201; only its abstrac
 - advantages: group z-score with the unbiased std + 1e-6 for the text stage (verl's convention; TRL adds 1e-4);
   for the visual stage, ranks mapped to [-1, 1] (the abstract says "rank-normalized"; the mapping is ours),
   optionally plus lambda times the text advantage (lambda = 0 by default).
-
-Nothing here runs on its own; `python -m pytest -q tests/test_grpo.py` checks every formula on hand numbers.
 """
-import contextlib
 import copy
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from nanovalor.dist import all_sum, no_sync_unless_last
-from nanovalor.generate import repeat_for_group, shared_prefix_attention
+from nanovalor.dist import all_sum, autocast, micro_batches, no_sync_unless_last
+from nanovalor.generate import SharedPrefix, repeat_for_group
 from nanovalor.logprobs import token_logprobs
 
 # -----------------------------------------------------------------------------
@@ -197,24 +193,6 @@ class CompletionLogprobs(nn.Module):
         return tuple(scatter(o) for o in out) if entropy else scatter(out)
 
 
-class SharedPrefix:
-    """Training-time attention over a shared prompt, in the cache protocol of generate.py (each attention layer
-    calls attend(layer, q, k, v, mask); Llava.hidden_states advances `length`). The first pass (the B prompts) is
-    plain causal attention that keeps each layer's keys and values; the second (the B*G completions, row b*G + g
-    answering prompt b) attends to its prompt's keys and values and, causally, to its own, in one softmax
-    (generate.shared_prefix_attention, as the sampler does)."""
-
-    def __init__(self):
-        self.k, self.v, self.length = {}, {}, 0
-
-    def attend(self, layer, q, k, v, mask):
-        if layer not in self.k:  # the prompts: (B, H, Tp, hd) queries, (B, H_kv, Tp, hd) keys and values
-            self.k[layer], self.v[layer] = k, v
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                                  enable_gqa=q.shape[1] != k.shape[1])
-        return shared_prefix_attention(q, self.k[layer], self.v[layer], k, v, mask)  # (B*G, H, Tc - 1, hd)
-
-
 def reference_model(policy):
     """The frozen reference policy for the KL term: it shares every frozen parameter with `policy` and copies only
     the trainable ones, so the visual stage (projector only) pays for a copy of the projector and nothing else."""
@@ -224,15 +202,6 @@ def reference_model(policy):
 
 # -----------------------------------------------------------------------------
 # One GRPO update from a batch of rollouts.
-
-def autocast(device):
-    """bf16 autocast on CUDA (fp32 master weights, fp32 log-softmax inside token_logprobs); fp32 on CPU."""
-    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def micro_batches(n, size):
-    return [slice(i, i + size) for i in range(0, n, size)]
-
 
 def update(scorer, reference, pixels, prompt_ids, prompt_mask, tokens, mask, sampler_logp, advantages, group_size,
            micro, world=1, temperature=1.0, mu=1, **loss_options):

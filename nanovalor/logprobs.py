@@ -26,7 +26,7 @@ so that z - LSE stays exact under a large common logit offset) and the entropy. 
 second kernel recomputes the tiles and writes g_z (N, chunk) in the input dtype; two cuBLAS GEMMs then give
 dW[chunk] = g_z^T H and dH += g_z W[chunk] into an fp32 buffer (deterministic as well).
 
-Tests: python -m pytest -q tests/test_logprobs.py     Benchmark: python bench/logprobs.py
+Benchmark: python bench/logprobs.py
 """
 import math
 import os

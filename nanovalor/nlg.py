@@ -15,8 +15,6 @@ functions take already-normalised strings (words separated by spaces) and follow
 - meteor:  METEOR 1.5 (Denkowski & Lavie 2014) with exact and Porter-stem matching only: WordNet synonyms and
            paraphrase tables are data we do not ship, so scores are lower than the jar's (which also stems with
            Snowball English and uses its own function-word list); see tests/test_rewards.py for the correlation.
-
-    python -m pytest -q tests/test_rewards.py
 """
 import heapq
 import math
@@ -55,12 +53,33 @@ def clean_report(text: str, style: str = "coco") -> str:
     return " . ".join(sentences) + " ." if sentences else ""
 
 
-def _as_ref_lists(refs):
+def read_reports(path) -> list:
+    """One report per line of a UTF-8 text file. Lines end at "\n" (or "\r\n") only: str.splitlines() would also
+    split at form feeds, \x1c-\x1e, \x85 and U+2028/2029, which may sit inside a report, and shift every later
+    report against its reference. A clear error (SystemExit) for a missing, non-file or non-UTF-8 path."""
+    try:
+        data = open(path, "rb").read()
+    except FileNotFoundError:
+        raise SystemExit(f"error: {path}: no such file") from None
+    except IsADirectoryError:
+        raise SystemExit(f"error: {path}: a folder, expected a text file with one report per line") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = 1 + data[:e.start].count(b"\n")
+        raise SystemExit(f"error: {path}, line {line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    lines = text.split("\n")
+    if lines[-1] == "":  # a final newline ends the last line; it does not start an empty one
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
+
+
+def as_ref_lists(refs):
     """Each sample's references as a list: "a b" -> ["a b"]; ["a b", "c"] stays."""
     return [[r] if isinstance(r, str) else list(r) for r in refs]
 
 
-def _ngram_counts(text, n=4):
+def ngram_counts(text, n=4):
     """(number of words, [Counter of the k-grams of text.split(), as tuples of words, for k = 1..n])."""
     words = text.split()
     return len(words), [Counter(zip(*(words[i:] for i in range(k)))) for k in range(1, n + 1)]
@@ -72,7 +91,7 @@ def _bleu_ref_stats(ref_list, n):
     """Lengths of the references and the max count of every n-gram over them (BLEU's clipping)."""
     lengths, max_counts = [], {}
     for ref in ref_list:
-        length, counts = _ngram_counts(ref, n)
+        length, counts = ngram_counts(ref, n)
         lengths.append(length)
         for counter in counts:
             for gram, c in counter.items():
@@ -84,13 +103,13 @@ def _bleu_ref_stats(ref_list, n):
 def bleu(hyps, refs, n=4, hyp_counts=None):
     """BLEU-1..n. Returns (corpus [n floats], per_sample array (N, n)); refs: one str or a list per sample."""
     small, tiny = 1e-9, 1e-15  # pycocoevalcap's guards against 0/0
-    ref_lists, cache = _as_ref_lists(refs), {}
+    ref_lists, cache = as_ref_lists(refs), {}
     per_sample = np.zeros((len(hyps), n))
     total_correct, total_guess, total_test, total_ref = [0] * n, [0] * n, 0, 0
     for i, (hyp, ref_list) in enumerate(zip(hyps, ref_lists)):
         key = tuple(ref_list)  # a GRPO group shares its reference: its n-grams are counted once
         ref_lengths, max_counts = cache[key] if key in cache else cache.setdefault(key, _bleu_ref_stats(ref_list, n))
-        test_len, counts = hyp_counts[i] if hyp_counts is not None else _ngram_counts(hyp, n)
+        test_len, counts = hyp_counts[i] if hyp_counts is not None else ngram_counts(hyp, n)
         ref_len = min((abs(length - test_len), length) for length in ref_lengths)[1]  # "closest", ties -> shorter
         get = max_counts.get
         correct = [sum(min(get(gram, 0), c) for gram, c in counts[k].items()) for k in range(n)]
@@ -148,7 +167,7 @@ def lcs_length(a, b, b_positions=None):
 def rouge_l(hyps, refs, beta=1.2):
     """ROUGE-L F (beta = 1.2). Returns (corpus mean, per_sample array (N,))."""
     scores, cache = np.zeros(len(hyps)), {}
-    for i, (hyp, ref_list) in enumerate(zip(hyps, _as_ref_lists(refs))):
+    for i, (hyp, ref_list) in enumerate(zip(hyps, as_ref_lists(refs))):
         hyp_tokens = hyp.split(" ")  # split(" "), not split(): "" is one empty token, as in pycocoevalcap
         prec, rec = [], []
         for ref in ref_list:
@@ -178,9 +197,9 @@ class CiderD:
     def __init__(self, corpus, n=4, sigma=6.0):
         self.n, self.sigma = n, sigma
         df = Counter()
-        documents = Counter(tuple(ref_list) for ref_list in _as_ref_lists(corpus))  # a GRPO batch repeats them
+        documents = Counter(tuple(ref_list) for ref_list in as_ref_lists(corpus))  # a GRPO batch repeats them
         for ref_list, times in documents.items():
-            for gram in {gram for ref in ref_list for counter in _ngram_counts(ref, n)[1] for gram in counter}:
+            for gram in {gram for ref in ref_list for counter in ngram_counts(ref, n)[1] for gram in counter}:
                 df[gram] += times
         self.ref_len = float(np.log(float(max(1, len(corpus)))))  # log(#documents)
         # idf of every n-gram of the corpus, computed once; an unseen n-gram has df = 0 -> idf = ref_len.
@@ -214,13 +233,13 @@ class CiderD:
     def __call__(self, hyps, refs, hyp_counts=None):
         """Per-sample CIDEr-D, array (N,); refs: one str or a list per sample."""
         cache, scores = {}, np.zeros(len(hyps))  # a group's reference is vectorised once per call
-        for i, (hyp, ref_list) in enumerate(zip(hyps, _as_ref_lists(refs))):
-            counts = hyp_counts[i][1] if hyp_counts is not None else _ngram_counts(hyp, self.n)[1]
+        for i, (hyp, ref_list) in enumerate(zip(hyps, as_ref_lists(refs))):
+            counts = hyp_counts[i][1] if hyp_counts is not None else ngram_counts(hyp, self.n)[1]
             vec = self._vector(counts[:self.n])
             score = [0.0] * self.n
             for ref in ref_list:
                 ref_vec = cache[ref] if ref in cache else cache.setdefault(
-                    ref, self._vector(_ngram_counts(ref, self.n)[1]))
+                    ref, self._vector(ngram_counts(ref, self.n)[1]))
                 score = [a + b for a, b in zip(score, self._sim(vec, ref_vec))]
             scores[i] = sum(score) / self.n / len(ref_list) * 10.0  # mean over n, over references, x10
         return scores
@@ -430,7 +449,7 @@ def meteor(hyps, refs):
     those best pairs (as the jar's EVAL line), not from the mean of the segment scores.
     """
     scores, total = np.zeros(len(hyps)), np.zeros(12)
-    for i, (hyp, ref_list) in enumerate(zip(hyps, _as_ref_lists(refs))):
+    for i, (hyp, ref_list) in enumerate(zip(hyps, as_ref_lists(refs))):
         best = max(((_meteor_score(st), k, st) for k, st in enumerate(_meteor_stats(hyp, r) for r in ref_list)),
                    key=lambda x: (x[0], -x[1]))
         scores[i] = best[0]

@@ -3,9 +3,9 @@
 Reports are written from many phrasings per finding (PHRASES), in varied order, with pertinent negatives,
 laterality, severity and normal-limits sentences, in the style of real findings sections; every sentence carries the
 labels a CheXpert-style labeler reads from it, and aggregate_labels applies CheXpert's rules. phantoms.py draws the
-findings and the images; tests: `python -m pytest -q tests/test_phantoms.py`.
+findings and the images.
 """
-from nanovalor.rewards import CHEXPERT_LABELS
+from nanovalor.chexpert import CHEXPERT_LABELS
 
 # ----------------------------------------------------------------------------------------------------------------
 # reports. PHRASES lines: "bank [labels]: sentence | sentence ..." (an indented line continues the one above). The

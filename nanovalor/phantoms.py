@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from nanovalor.checkpoint import write_atomic
 from nanovalor.phantom_reports import write_report
-from nanovalor.rewards import CHEXPERT_LABELS
+from nanovalor.chexpert import CHEXPERT_LABELS
 
 SIZE = 128
 UNIT_CM = 18.0  # the canonical frame spans [-1, 1]; one unit is 18 cm of patient (thoracic width ~ 26 cm)

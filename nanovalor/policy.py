@@ -7,13 +7,12 @@
 Here: the projector, the decoder (Llama / Mistral / Qwen2), the LLaVA model with the API GRPO needs (encode each
 image once, hidden states at chosen positions, any padding, gradient checkpointing), configs, `load` / `save` (HF
 llava and original LLaVA / LLaVA-Med layouts). The ViT is vit.py; the tokenizer, chat formats and samplers are
-generate.py. Tests: `python -m pytest -q tests/test_policy.py`.
+generate.py; weight files weights.py.
 
 Not implemented (each refused with a clear error): Mistral's sliding-window attention (longer sequences are
 refused; LLaVA-Med's window is 4096 tokens), RoPE scaling, multi-layer vision features, image start/end tokens.
 """
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from nanovalor.checkpoint import atomic_folder
 from nanovalor.vit import VisionConfig, VisionTower, vision_config_from_hf
+from nanovalor.weights import load_checked, read_checkpoint, read_json, resolve
 
 
 # -----------------------------------------------------------------------------
@@ -321,7 +321,7 @@ def config_from_hf(d, where):
                        projector_bias=d.get("multimodal_projector_bias", True),
                        image_token_id=d.get("image_token_index", d.get("image_token_id", 32000)), feature_layer=layer,
                        feature_select=d.get("vision_feature_select_strategy", "default"),
-                       eos_token_id=_ids((d.get("text_config") or {}).get("eos_token_id", d.get("eos_token_id"))),
+                       eos_token_id=token_ids((d.get("text_config") or {}).get("eos_token_id", d.get("eos_token_id"))),
                        chat_format=d.get("nanovalor_chat_format", "auto"))
 
 
@@ -349,10 +349,10 @@ def config_from_original(d, vision_d, where):
     return LlavaConfig(vision=vision, text=text, projector=projector, projector_bias=True,
                        image_token_id=text.vocab_size, feature_layer=d.get("mm_vision_select_layer", -2),
                        feature_select="default" if select == "patch" else "full",
-                       eos_token_id=_ids(d.get("eos_token_id")))
+                       eos_token_id=token_ids(d.get("eos_token_id")))
 
 
-def _ids(x):  # eos_token_id may be an int, a list or absent
+def token_ids(x):  # eos_token_id may be an int, a list or absent
     return [] if x is None else [x] if isinstance(x, int) else list(x)
 
 
@@ -418,103 +418,6 @@ VISION_REPO_KEYS = [  # the repo named by mm_vision_tower: a CLIPModel / CLIPVis
 UNUSED = ("rotary_emb.inv_freq", "embeddings.position_ids", "vision_tower.head.")  # buffers old saves kept; SigLIP head
 
 
-def resolve(path_or_repo_id, allow_patterns=None):
-    """A local folder as it is; "owner/name" through huggingface_hub.snapshot_download (HF_HUB_OFFLINE=1: the
-    local cache only), fetching the files that match allow_patterns. By default a model's: pytorch_model*.bin are
-    fetched only when a repo has no safetensors."""
-    p = Path(path_or_repo_id).expanduser()
-    if p.is_dir():
-        return p
-    name = str(path_or_repo_id)
-    if p.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise FileNotFoundError(f"{name}: no such model folder (and not a hub id 'owner/name')")
-    from huggingface_hub import snapshot_download
-    try:
-        if allow_patterns is not None:
-            return Path(snapshot_download(name, allow_patterns=allow_patterns))
-        folder = Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"]))
-        if not any(folder.glob("*.safetensors")):
-            folder = Path(snapshot_download(name, allow_patterns=["*.json", "pytorch_model*.bin"]))
-    except Exception as e:  # hub errors come in many types; the message is what helps
-        raise FileNotFoundError(f"{name}: not a local folder, and fetching it from the hub failed "
-                                f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {e}") from e
-    return folder
-
-
-def checkpoint_files(folder, names=("model.safetensors", "pytorch_model.bin")):
-    """The weight files of the checkpoint in `folder`: the shards a `<name>.index.json` lists, or else the first
-    of `names` (one file each, the preferred format first) that is there."""
-    for index in (f"{name}.index.json" for name in names):
-        if (folder / index).exists():
-            files = sorted(set(_read_json(folder / index).get("weight_map", {}).values()))
-            missing = [f for f in files if not (folder / f).exists()]
-            if not files or missing:
-                raise FileNotFoundError(f"{folder / index}: names shard(s) {missing or 'none'} that are not there")
-            return [folder / f for f in files]
-    for single in names:
-        if (folder / single).exists():
-            return [folder / single]
-    raise FileNotFoundError(f"{folder}: no {', '.join(names)} or *.index.json")
-
-
-def read_weights(path, key="state_dict"):
-    """The {name: tensor} dict of one weights file: safetensors, or a pickle read only through
-    torch.load(weights_only=True) (tensors and plain containers, never code), unwrapped from {key: state dict}."""
-    if Path(path).suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(path)
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: refused or unreadable (torch.load with weights_only=True): {e}") from None
-    sd = sd.get(key, sd) if isinstance(sd, dict) else sd
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path}: expected a state dict (or a dict with {key!r}), got {type(sd).__name__}")
-    return sd
-
-
-def read_checkpoint(folder, rules, names=("model.safetensors", "pytorch_model.bin")):
-    """{our name: tensor} for the checkpoint in `folder` (checkpoint_files(folder, names)), renamed with `rules`
-    (a rule ("", "") keeps the rest as they are); tensors no rule or UNUSED names are returned as the second
-    value."""
-    tensors, unexpected = {}, []
-    for f in checkpoint_files(folder, names):
-        for name, t in read_weights(f).items():
-            ours = next((new + name[len(old):] if new is not None else "" for old, new in rules
-                         if name.startswith(old)), None)
-            if ours is None:
-                unexpected.append(name)
-            elif ours and not any(u in ours for u in UNUSED):
-                tensors[ours] = t
-    return tensors, unexpected
-
-
-def load_checked(model, tensors, where, unexpected=(), tied=(), cast=lambda t: t):
-    """Load {our name: tensor} into `model`, built on the meta device, with assign=True: each tensor is popped from
-    `tensors` as it is cast (cast(t): to the run's dtype and device), so the weights are never held twice.
-    `unexpected`: checkpoint names no rule mapped; `tied`: names that share another parameter (a tied lm_head),
-    neither expected nor loaded (the caller ties them again). Every missing, unexpected or mis-shaped tensor is in
-    one error that names `where`."""
-    expected = {k: v.shape for k, v in model.state_dict().items() if k not in tied}
-    for k in tied:
-        tensors.pop(k, None)  # some saves write the tied copy too
-    missing = sorted(expected.keys() - tensors.keys())
-    unexpected = list(unexpected) + sorted(tensors.keys() - expected.keys())
-    shapes = [f"{k}: {tuple(t.shape)} in the checkpoint, {tuple(expected[k])} in the model"
-              for k, t in sorted(tensors.items()) if k in expected and t.shape != expected[k]]
-    if missing or unexpected or shapes:
-        raise ValueError(f"{where}: the checkpoint does not match its config: missing {missing}, "
-                         f"unexpected {unexpected}, wrong shape {shapes}")
-    model.load_state_dict({k: cast(tensors.pop(k)) for k in list(tensors)}, strict=False, assign=True)
-
-
-def _read_json(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not readable JSON ({e})") from e
-
-
 def load(path_or_repo_id, dtype=None, device=None):
     """The Llava model of a local folder or hub id, in eval mode. Layouts: transformers' LlavaForConditionalGeneration
     (every key layout it has written) and the original LLaVA / LLaVA-Med (vision tower from the repo named by
@@ -523,25 +426,26 @@ def load(path_or_repo_id, dtype=None, device=None):
     folder = resolve(path_or_repo_id)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder}: no config.json, not a model folder")
-    d, where = _read_json(folder / "config.json"), str(folder / "config.json")
+    d, where = read_json(folder / "config.json"), str(folder / "config.json")
     vision_folder = None
     if "mm_vision_tower" in d:
         vision_folder = resolve(d["mm_vision_tower"])
-        cfg = config_from_original(d, _read_json(vision_folder / "config.json"), where)
-        tensors, unexpected = read_checkpoint(folder, ORIGINAL_LLAVA_KEYS)
+        cfg = config_from_original(d, read_json(vision_folder / "config.json"), where)
+        tensors, unexpected = read_checkpoint(folder, ORIGINAL_LLAVA_KEYS, skip=UNUSED)
         if not any(k.startswith("vision_tower.") for k in tensors):
-            vision_tensors, vision_unexpected = read_checkpoint(vision_folder, VISION_REPO_KEYS)
+            vision_tensors, vision_unexpected = read_checkpoint(vision_folder, VISION_REPO_KEYS, skip=UNUSED)
             tensors, unexpected = {**tensors, **vision_tensors}, unexpected + vision_unexpected
     elif d.get("model_type") == "llava":
         if d.get("architectures", ["LlavaForConditionalGeneration"]) != ["LlavaForConditionalGeneration"]:
             raise ValueError(f"{where}: architectures {d['architectures']}: expected ['LlavaForConditionalGeneration']")
         cfg = config_from_hf(d, where)
-        tensors, unexpected = read_checkpoint(folder, HF_LLAVA_KEYS)
+        tensors, unexpected = read_checkpoint(folder, HF_LLAVA_KEYS, skip=UNUSED)
     else:
         raise ValueError(f"{where}: model_type {d.get('model_type')!r} is not a LLaVA model: expected 'llava' "
                          f"(HF layout) or one of {sorted(ORIGINAL_TYPES)} with mm_vision_tower (original layout)")
     if (folder / "generation_config.json").exists():
-        cfg.eos_token_id = _ids(_read_json(folder / "generation_config.json").get("eos_token_id")) or cfg.eos_token_id
+        generation = read_json(folder / "generation_config.json")
+        cfg.eos_token_id = token_ids(generation.get("eos_token_id")) or cfg.eos_token_id
     with torch.device("meta"):
         model = Llava(cfg)
     device = torch.device(device or "cpu")
@@ -553,7 +457,7 @@ def load(path_or_repo_id, dtype=None, device=None):
     model.source = folder
     proc = vision_folder if vision_folder is not None else folder
     if (proc / "preprocessor_config.json").exists():
-        model.preprocessor_config = _read_json(proc / "preprocessor_config.json")
+        model.preprocessor_config = read_json(proc / "preprocessor_config.json")
         if d.get("image_aspect_ratio") == "pad":  # original LLaVA pads to a square with the mean colour
             model.preprocessor_config["do_pad"] = True
     return model.eval()

@@ -1,28 +1,19 @@
 """Rewards and metrics for chest X-ray reports: the text reward of GRPO stage `text` and the evaluation metrics.
 
-The metrics themselves live in two files: nlg.py (clean_report, BLEU-1..4, ROUGE-L, METEOR, CIDEr-D, numerically
-pycocoevalcap's) and chexpert.py (the CheXpert-14 rule labeler, clinical F1, the clinical reward, CheXbert). This
-file mixes them: R_text = sum_k w_k * m_k over the components named in the weights, every component returned.
+The metrics themselves live elsewhere: nlg.py (clean_report, BLEU-1..4, ROUGE-L, METEOR, CIDEr-D, numerically
+pycocoevalcap's), chexpert.py (the CheXpert-14 rule labeler, clinical F1, the clinical reward) and bert.py
+(CheXbert). This file mixes them: R_text = sum_k w_k * m_k over the components named in the weights, every component returned.
 
     from nanovalor.rewards import parse_weights, text_reward, CiderD
     cider = CiderD(train_reports)                       # document frequencies, once
     rewards, parts = text_reward(samples, refs, parse_weights("bleu4=0.25,rougeL=0.25,clinical=0.5"), cider)
-
-    python -m nanovalor.rewards label reports.txt --out labels.csv    # chexpert-labeler's CSV format
 """
-import argparse
-import csv
-import io
 import math
-import sys
 
 import numpy as np
 
-from nanovalor.checkpoint import write_atomic
-from nanovalor.chexpert import (CHEXPERT_LABELS, COMPETITION_LABELS, CheXbert, clinical_f1,  # noqa: F401
-                                clinical_reward, label_report, label_reports, load_chexbert)
-from nanovalor.nlg import (CiderD, _as_ref_lists, _ngram_counts, bleu, cider_d, clean_report, lcs_length,  # noqa: F401
-                           meteor, porter_stem, rouge_l)
+from nanovalor.chexpert import clinical_f1, clinical_reward, label_reports
+from nanovalor.nlg import CiderD, as_ref_lists, bleu, cider_d, clean_report, meteor, ngram_counts, rouge_l
 
 # Components a text reward can mix. cider is CIDEr-D on its own scale (x10: about 0..10, mostly below 3), the
 # others lie in [0, 1]; clinical is clinical_reward on the rule labeler's labels, chexbert the same on CheXbert's.
@@ -73,7 +64,7 @@ def text_reward(samples, references, weights, cider=None, style="coco", chexbert
     cleaned = {r: clean_report(r, style) for r in set(references)}  # B distinct references among the B*G
     refs = [cleaned[r] for r in references]
     parts = {}
-    counts = [_ngram_counts(h) for h in hyps] if {"bleu1", "bleu2", "bleu3", "bleu4", "cider"} & set(weights) else None
+    counts = [ngram_counts(h) for h in hyps] if {"bleu1", "bleu2", "bleu3", "bleu4", "cider"} & set(weights) else None
     if any(k.startswith("bleu") for k in weights):
         per_sample = bleu(hyps, refs, hyp_counts=counts)[1]  # (N, 4)
         parts.update({f"bleu{n}": per_sample[:, n - 1] for n in range(1, 5) if f"bleu{n}" in weights})
@@ -103,7 +94,7 @@ def corpus_metrics(hyps, refs, style="coco", chexbert=None) -> dict:
     clinical metrics use the first)."""
     if len(hyps) != len(refs):
         raise ValueError(f"corpus_metrics: {len(hyps)} hypotheses but {len(refs)} references")
-    ref_lists = _as_ref_lists(refs)
+    ref_lists = as_ref_lists(refs)
     h = [clean_report(x, style) for x in hyps]
     r = [[clean_report(x, style) for x in rl] for rl in ref_lists]
     out, per = {}, {}
@@ -123,45 +114,3 @@ def corpus_metrics(hyps, refs, style="coco", chexbert=None) -> dict:
         per["chexbert_labels_hyp"], per["chexbert_labels_ref"] = hyp_cb, ref_cb
     out["per_sample"] = per
     return out
-
-
-def read_lines(path) -> list:
-    """One report per line of a UTF-8 text file; a clear error for a missing or non-UTF-8 file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().splitlines()
-    except FileNotFoundError:
-        raise SystemExit(f"error: {path}: no such file") from None
-    except UnicodeDecodeError as e:
-        line = 1 + open(path, "rb").read()[:e.start].count(b"\n")
-        raise SystemExit(f"error: {path}, line {line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-
-
-# chexpert-labeler's CSV columns (stanfordmlgroup/chexpert-labeler constants.py): No Finding first.
-CSV_COLUMNS = ("Reports", "No Finding") + CHEXPERT_LABELS[:13]
-
-
-def write_label_csv(path, reports, labels):
-    text = io.StringIO(newline="")
-    w = csv.writer(text)
-    w.writerow(CSV_COLUMNS)
-    for report, row in zip(reports, labels):
-        by_name = dict(zip(CHEXPERT_LABELS, row))
-        w.writerow([report] + ["" if by_name[c] is None else f"{by_name[c]:.1f}" for c in CSV_COLUMNS[1:]])
-    write_atomic(path, text.getvalue())
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m nanovalor.rewards", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    label = sub.add_parser("label", help="label one report per line with the 14 CheXpert observations")
-    label.add_argument("reports", help="text file, one report per line (UTF-8)")
-    label.add_argument("--out", required=True, help="CSV to write: Reports + 14 columns of 1.0 / 0.0 / -1.0 / empty")
-    args = parser.parse_args(argv)
-    reports = read_lines(args.reports)
-    write_label_csv(args.out, reports, label_reports(reports))
-    print(f"labelled {len(reports)} reports -> {args.out}", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    main()

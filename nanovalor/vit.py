@@ -1,8 +1,7 @@
 """The project's one ViT: the policy's vision tower (policy.py) and the expert's image tower (expert.py).
 
 One class covers OpenAI CLIP, SigLIP and timm's ViT as BiomedCLIP uses it; parameter names mirror transformers'
-CLIPVisionModel, so HF checkpoints map onto it one to one. Parity with transformers:
-`python -m pytest -q tests/test_vision.py`.
+CLIPVisionModel, so HF checkpoints map onto it one to one.
 """
 from dataclasses import dataclass
 

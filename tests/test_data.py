@@ -13,7 +13,7 @@ from PIL import Image
 
 from nanovalor import data
 from nanovalor.data import DataError, ImageProcessing, read_preprocessor_config
-from nanovalor.rewards import CHEXPERT_LABELS
+from nanovalor.chexpert import CHEXPERT_LABELS
 
 
 def _png(path, size=(12, 10), mode="L", seed=0):
@@ -189,7 +189,7 @@ def test_both_formats_read_the_same_studies(tmp_path):
 
 
 def test_clean_reports_with_the_shared_normaliser(tmp_path):
-    from nanovalor.rewards import clean_report
+    from nanovalor.nlg import clean_report
 
     entries = _dataset(tmp_path)
     studies = data.read_annotation(tmp_path / "annotation.json", "train", clean="r2gen")

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from transformers import BertConfig as HFBertConfig, BertModel
 from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy
 
-from nanovalor.expert import (Bert, BertConfig, ClipText, ClipTextConfig, Expert, ExpertConfig, bert_config_from_hf,
-                              load, load_bert_tokenizer, save, tokenize)
+from nanovalor.bert import Bert, BertConfig, bert_config_from_hf, load_bert_tokenizer, tokenize
+from nanovalor.expert import ClipText, ClipTextConfig, Expert, ExpertConfig, load, save
 from nanovalor.vit import VisionConfig
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "heart", "is", "normal", "size", ".", ",", "no",

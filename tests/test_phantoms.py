@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from nanovalor import data, phantom_reports, phantoms
-from nanovalor.rewards import CHEXPERT_LABELS
+from nanovalor.chexpert import CHEXPERT_LABELS
 
 LABEL = {name: i for i, name in enumerate(CHEXPERT_LABELS)}
 S = phantoms.SIZE
@@ -107,12 +107,12 @@ def test_reports_vary_and_normal_fraction_is_in_range():
 
 
 def test_labeler_recovers_phantom_labels():
-    from nanovalor.chexpert import _positive, clinical_f1, label_reports
+    from nanovalor.chexpert import positive, clinical_f1, label_reports
 
     studies = _studies(400, seed=5)
     truth, read = [s["labels"] for s in studies], label_reports([s["report"] for s in studies])
     f1 = clinical_f1(read, truth)["f1_micro_14"]  # micro F1 over the 14, uncertain counts as positive
-    wrong = _positive(truth) != _positive(read)  # (400, 14)
+    wrong = positive(truth) != positive(read)  # (400, 14)
     misses = [(s["report"], [CHEXPERT_LABELS[j] for j in np.nonzero(row)[0]]) for s, row in zip(studies, wrong)
               if row.any()]
     assert f1 >= 0.98, (f1, misses[:5])

@@ -1,4 +1,4 @@
-"""Tests of the rewards and metrics (nanovalor/rewards.py, nlg.py, chexpert.py) and of `eval.py --hyps --refs`.
+"""Tests of the rewards and metrics (nanovalor/rewards.py, nlg.py, chexpert.py, bert.py) and of `eval.py --hyps --refs`.
 
     python -m pytest -q tests/test_rewards.py
 
@@ -20,10 +20,12 @@ import numpy as np
 import pytest
 import torch
 
-from nanovalor.rewards import (CHEXPERT_LABELS, COMPONENTS, CheXbert, CiderD, bleu, cider_d, clean_report,
-                               clinical_f1, clinical_reward, corpus_metrics, label_report, label_reports,
-                               lcs_length, load_chexbert, main, meteor, parse_weights, porter_stem, rouge_l,
-                               text_reward)
+from nanovalor.bert import CheXbert, load_chexbert
+from nanovalor.chexpert import (CHEXPERT_LABELS, clinical_f1, clinical_reward, label_report, label_reports,
+                                main)
+from nanovalor.nlg import (CiderD, bleu, cider_d, clean_report, lcs_length, meteor, porter_stem, read_reports,
+                           rouge_l)
+from nanovalor.rewards import COMPONENTS, corpus_metrics, parse_weights, text_reward
 
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).resolve().parents[1]
@@ -384,6 +386,18 @@ def test_label_cli_writes_chexpert_csv(tmp_path):
     assert rows[1]["No Finding"] == "1.0" and rows[2]["Pneumonia"] == "-1.0" and rows[2]["Edema"] == ""
 
 
+@pytest.mark.parametrize("odd", ["\f", "\v", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"])
+def test_report_files_split_at_newlines_only(tmp_path, odd):
+    # str.splitlines() would cut these reports in two and shift every later one against its reference.
+    reports = [f"Heart size normal.{odd}No effusion.", "Mild edema.", f"Right{odd}pneumothorax."]
+    (tmp_path / "r.txt").write_bytes(("\n".join(reports) + "\r\n").encode("utf-8"))
+    assert read_reports(tmp_path / "r.txt") == reports
+    (tmp_path / "crlf.txt").write_bytes(b"a\r\nb\r\n\r\nc")  # \r\n ends a line; an empty line is an empty report
+    assert read_reports(tmp_path / "crlf.txt") == ["a", "b", "", "c"]
+    with pytest.raises(SystemExit, match="a folder"):
+        read_reports(tmp_path)
+
+
 # ---------------------------------------------------------------------------------------------------- CheXbert
 
 def test_chexbert_matches_transformers(tmp_path):
@@ -404,7 +418,7 @@ def test_chexbert_matches_transformers(tmp_path):
     assert isinstance(model, CheXbert)
 
     texts = ["No pleural effusion.", "Heart size is normal. The lungs are clear.", "", "moderate left pneumothorax"]
-    from nanovalor.expert import tokenize
+    from nanovalor.bert import tokenize
     ids, mask = tokenize(model.tokenizer, texts)
     assert ids[0, 0] == vocab.index("[CLS]") and (ids == vocab.index("[UNK]")).sum() == 0
     with torch.no_grad():
