@@ -32,7 +32,7 @@ from nanovalor.config import checked, parse
 from nanovalor.data import load_image, preprocess, read_preprocessor_config
 from nanovalor.evaluation import generation_settings, training_config
 from nanovalor.generate import decode_completions, encode_prompts, load_tokenizer, sample
-from nanovalor.policy import apply_rope, rope_cos_sin
+from nanovalor.decoder import apply_rope, rope_cos_sin
 
 
 @dataclass

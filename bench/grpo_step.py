@@ -99,7 +99,8 @@ def build_world(folder, n_prompts, prompt_tokens):
 
 def load_ours(folder):
     """The saved Qwen2 decoder inside a nanovalor Llava (tiny unused ViT and projector, both frozen)."""
-    from nanovalor.policy import Llava, LlavaConfig, decoder_config_from_hf
+    from nanovalor.decoder import decoder_config_from_hf
+    from nanovalor.policy import Llava, LlavaConfig
     from nanovalor.weights import read_checkpoint
     from nanovalor.vit import VisionConfig
 

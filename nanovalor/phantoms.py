@@ -435,7 +435,8 @@ def tiny_policy(folder, vision_tower=None):
     trained CLIP ViT, give `vision_tower` (a trained phantom expert's `visual`) to copy its weights in."""
     from tokenizers import Tokenizer
 
-    from nanovalor.policy import DecoderConfig, Llava, LlavaConfig
+    from nanovalor.decoder import DecoderConfig
+    from nanovalor.policy import Llava, LlavaConfig
 
     vocab = Tokenizer.from_file(str(Path(folder) / "tokenizer.json")).get_vocab_size()
     text = DecoderConfig(model_type="llama", vocab_size=vocab, hidden_size=192, intermediate_size=512, num_layers=4,

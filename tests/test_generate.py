@@ -193,7 +193,7 @@ def test_shared_prefix_attention_over_several_tokens_equals_attention_over_the_c
     """The training-time case (grpo.SharedPrefix): T completion tokens per row at once, causal among themselves,
     after a left-padded prompt; GQA with 3 query heads per key head."""
     from nanovalor.generate import shared_prefix_attention
-    from nanovalor.policy import attention_mask_4d
+    from nanovalor.decoder import attention_mask_4d
 
     torch.manual_seed(0)
     B, G, H, H_kv, Tp, T, hd = 2, 3, 6, 2, 4, 5, 4

@@ -178,7 +178,8 @@ def test_matches_liger_grpo_loss(agg, loss_type):
 # ----------------------------------------------------------------------------- teacher-forced log-probs, reference
 
 def tiny_policy(seed=0):
-    from nanovalor.policy import DecoderConfig, Llava, LlavaConfig
+    from nanovalor.decoder import DecoderConfig
+    from nanovalor.policy import Llava, LlavaConfig
     from nanovalor.vit import VisionConfig
 
     torch.manual_seed(seed)

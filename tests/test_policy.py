@@ -19,8 +19,8 @@ from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCo
 
 from nanovalor.generate import (chat_prompt, chatml_prompt, encode_prompt, load_tokenizer, mistral_prompt,
                                 vicuna_prompt)
-from nanovalor.policy import (DECODER_DEFAULTS, DecoderConfig, Llava, config_from_hf, config_to_hf,
-                              decoder_config_from_hf, load, save)
+from nanovalor.decoder import DECODER_DEFAULTS, DecoderConfig, decoder_config_from_hf
+from nanovalor.policy import Llava, config_from_hf, config_to_hf, load, save
 from nanovalor.policy import LlavaConfig as OurConfig
 from nanovalor.vit import VisionConfig
 
