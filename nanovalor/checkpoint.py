@@ -8,8 +8,10 @@ training state beside it.
         train_config.json    the resolved train.py Config
 
 A folder (a checkpoint, policy.save, expert.save) is filled in a temporary folder next to it, which then replaces the
-old one by renames; a file (write_atomic) likewise: a reader (or a crash) never sees half of one. trainer_state.pt
-holds only tensors, numbers, strings, lists and dicts, so it loads with torch.load(weights_only=True).
+old one by renames; a file (write_atomic) likewise: a reader never sees half of one, and after a crash recover()
+puts the newest complete copy in place and removes the leftovers. lock() keeps a second run out of a folder.
+trainer_state.pt holds only tensors, numbers, strings, lists and dicts, so it loads with
+torch.load(weights_only=True).
 """
 import json
 import os
@@ -21,29 +23,77 @@ import torch
 STATE = "trainer_state.pt"
 
 
-def _temporary(path):  # a new name next to `path`, hidden, unique across processes and calls
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+def _temporary(path, kind="tmp"):  # a new name next to `path`, hidden, unique across processes and calls
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{os.urandom(4).hex()}")
 
 
 def atomic_folder(folder, fill):
-    """fill(path) writes into the empty folder `path`, which then takes the place of `folder`: the old folder is
-    removed only once the new one is in place, and the temporary one is removed if fill fails."""
+    """fill(path) writes into the empty folder `path`, which then takes the place of `folder`.
+
+    The steps, each a rename (atomic on one file system): fill `.<name>.tmp-*`; rename it `.<name>.ready-*` (a ready
+    folder is complete by construction); move the old `<name>` aside to `.<name>.old-*`; rename the ready folder
+    `<name>`; remove the old one. A failure in fill removes the temporary and leaves the old folder as it was. A
+    crash (kill -9, power loss) between the renames leaves hidden folders that recover() resolves: the newest
+    ready one wins over the old one."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary(folder)
-    old = tmp.with_name(tmp.name + ".old")
     tmp.mkdir()
     try:
         fill(tmp)
-        if folder.exists():
-            folder.rename(old)
-        tmp.rename(folder)  # the new folder is complete before the old one goes
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not folder.exists():
-            old.rename(folder)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    ready = tmp.rename(_temporary(folder, "ready"))
+    old = folder.rename(_temporary(folder, "old")) if folder.exists() else None
+    ready.rename(folder)  # the new folder is complete before the old one goes
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def recover(folder):
+    """Finish or undo a save that a crash interrupted (see atomic_folder), then remove every leftover of earlier
+    saves of `folder`. A ready copy is complete and newer than `folder` (it exists only between its own renames), so
+    the newest one becomes `folder`; failing that, a missing `folder` comes back from its old copy. A tmp copy may
+    be half written and is only removed. Returns what it did, for the log ("" when there was nothing to do). Call it
+    only where no other process is saving `folder` (train.py holds the run's lock)."""
+    folder = Path(folder)
+    if not folder.parent.exists():
+        return ""
+    leftovers = {kind: sorted((p for p in folder.parent.glob(f".{folder.name}.{kind}-*") if p.is_dir()),
+                              key=lambda p: p.stat().st_mtime) for kind in ("tmp", "ready", "old")}
+    done = ""
+    if leftovers["ready"]:
+        if folder.exists():
+            leftovers["old"].append(folder.rename(_temporary(folder, "old")))
+        leftovers["ready"].pop().rename(folder)
+        done = f"{folder}: completed a save that a crash interrupted"
+    elif not folder.exists() and leftovers["old"]:
+        leftovers["old"].pop().rename(folder)
+        done = f"{folder}: restored the previous copy that a crash left aside"
+    stale = [p for paths in leftovers.values() for p in paths]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    if stale:
+        done = (done + "; " if done else f"{folder}: ") + f"removed {len(stale)} leftover folder(s) of crashed saves"
+    return done
+
+
+def lock(folder):
+    """An exclusive lock on `folder` (created if needed) for as long as the process lives: a second train.py
+    writing into the same --out stops at once with one line instead of overwriting the first one's checkpoints
+    and interleaving its metrics. The operating system drops the lock when the process ends, however it ends."""
+    import fcntl
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / ".lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise SystemExit(f"error: {folder} is in use by another train.py run (its .lock is held); wait for it to "
+                         "finish or give another --out") from None
+    return handle  # keep it referenced: closing it releases the lock
 
 
 def write_atomic(path, data):
