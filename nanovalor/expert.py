@@ -165,7 +165,8 @@ class Expert(nn.Module):
     @torch.no_grad()
     def similarity(self, images, reports, max_text_tokens=16384, max_images=32):
         """images: B X-rays (paths, PIL images, or a (B, C, S, S) preprocessed tensor); reports: B lists of G
-        strings -> (B, G) cosine similarities in [-1, 1], float32. Each image is encoded once for its group.
+        strings -> (B, G) cosine similarities in [-1, 1], float32, on the CPU. Each image is encoded once for its
+        group, each distinct report once.
         Reports are sorted by length and encoded in chunks of at most max_text_tokens padded tokens (the memory
         cap); images in chunks of max_images."""
         if len(images) != len(reports) or len({len(group) for group in reports}) > 1:
@@ -182,11 +183,21 @@ class Expert(nn.Module):
                                     self.processing)  # (B, C, S, S)
             image_emb = torch.cat([self.encode_images(images[i:i + max_images].to(device))
                                    for i in range(0, B, max_images)])  # (B, E)
-            ids, mask = self.tokenize([r for group in reports for r in group])  # (B*G, T), padded to the longest
-            text_emb = self._encode_sorted(ids.to(device), mask.to(device), max_text_tokens)  # (B*G, E)
+            # Each distinct token sequence is encoded once: cheaper (a group often repeats a report), and reports that
+            # read the same after truncation get identical scores whatever else is in the batch (padding to another
+            # width moves a score by ~1e-7, which rank advantages would turn into a whole rank step).
+            encoded = self.tokenizer.encode_batch([r for group in reports for r in group])  # B*G, padded alike
+            keys = [(tuple(e.ids), tuple(e.attention_mask)) for e in encoded]
+            distinct = {key: i for i, key in enumerate(dict.fromkeys(keys))}  # U distinct rows, first seen first
+            ids, mask = (torch.tensor([key[j] for key in distinct]) for j in (0, 1))  # (U, T) each
+            which = torch.tensor([distinct[key] for key in keys])  # (B*G,): the distinct row of each report
+            text_emb = self._encode_sorted(ids.to(device), mask.to(device), max_text_tokens)  # (U, E)
+            cosines = image_emb.float() @ text_emb.float().T  # (B, U): every X-ray against every distinct report
         finally:
             self.train(was_training)
-        return torch.einsum("be,bge->bg", image_emb.float(), text_emb.float().view(B, G, -1))
+        # Each X-ray's own group, read on the host: rewards live beside the text rewards and the group bookkeeping,
+        # whatever device scores them.
+        return cosines.cpu().gather(1, which.view(B, G))  # (B, G)
 
     def _encode_sorted(self, ids, mask, max_tokens):
         # Longest first, so each chunk is padded only to its own longest report and holds <= max_tokens tokens.

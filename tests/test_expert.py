@@ -382,6 +382,48 @@ def test_frozen_scorer_leaves_training_state_alone(tmp_path):
     assert pixels.grad.abs().sum() > 0 and expert.text.embeddings["word_embeddings"].weight.grad.abs().sum() > 0
 
 
+def test_identical_reports_tie_under_any_chunking_and_any_split_over_ranks(tmp_path):
+    """Rank advantages turn any score difference into a rank step: identical reports must score identically however
+    the batch is chunked (max_text_tokens) and however its groups are split over ranks (separate calls)."""
+    from nanovalor.grpo import rank
+    _biomedclip_folder(tmp_path)
+    expert = load(tmp_path)
+    pixels = torch.randn(4, 3, 32, 32)
+    short, long = "no effusion", "mild cardiomegaly with a small left pleural effusion and basal atelectasis"
+    groups = [[short] * 5 + [long, "lungs clear", long], [long] * 3 + [short] * 5,
+              ["x"] * 8, [short, long] * 4]  # the third group: all tied, advantage 0
+    runs = {"one call": expert.similarity(pixels, groups)}
+    for cap in (8, 20, 64):  # chunks padded to different widths
+        runs[f"chunks of {cap}"] = expert.similarity(pixels, groups, max_text_tokens=cap)
+    runs["2 ranks"] = torch.cat([expert.similarity(pixels[:2], groups[:2]), expert.similarity(pixels[2:], groups[2:])])
+    runs["4 ranks"] = torch.cat([expert.similarity(pixels[i:i + 1], groups[i:i + 1]) for i in range(4)])
+    base = rank(runs.pop("one call").double())
+    assert base[0, :5].unique().numel() == 1 and base[0, 5] == base[0, 7] and (base[2] == 0).all()
+    for name, scores in runs.items():
+        assert torch.equal(rank(scores.double()), base), name
+
+
+def test_similarity_is_on_the_host_whatever_device_scores_it(tmp_path, monkeypatch):
+    """The expert's scores meet the text rewards (numpy, on the CPU) in the visual stage's advantages. Checked
+    without a GPU: under FakeTensorMode the towers return tensors that claim to be on CUDA, with CUDA's device
+    checks and no arithmetic, and similarity's own steps run on them."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from nanovalor.expert import Expert
+    from nanovalor.grpo import group_advantages
+    _biomedclip_folder(tmp_path)
+    expert = load(tmp_path)
+    E = expert.cfg.embed_dim
+    monkeypatch.setattr(Expert, "encode_images", lambda self, x: torch.empty(len(x), E, device="cuda"))
+    monkeypatch.setattr(Expert, "_encode_sorted", lambda self, ids, mask, cap: torch.empty(len(ids), E, device="cuda"))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        monkeypatch.setattr(expert.logit_scale, "data", torch.empty((), device="cuda"))  # the expert's device
+        scores = expert.similarity(torch.randn(2, 3, 32, 32), REPORTS)
+        assert scores.device.type == "cpu" and scores.shape == (2, 4)
+        text = torch.as_tensor(np.zeros((2, 4), dtype=np.float32))  # what train.py makes of the text rewards
+        group_advantages(scores, "rank", text, 0.5)  # raised "Expected all tensors to be on the same device" before
+
+
 SCENES = {"opacity in the left upper lung .": (0, 0), "opacity in the right upper lung .": (0, 1),
           "opacity in the left lower lung .": (1, 0), "opacity in the right lower lung .": (1, 1),
           "the lungs are clear .": None}
