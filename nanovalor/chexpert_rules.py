@@ -36,9 +36,8 @@ FINDINGS = {
         r"haziness", r"hazy"],
     3: [r"mass(?:es)?", r"nodul(?:e|es|ar|arity)", r"nodular (?:densit\w*|opacit\w*|opacification)", r"lump",
         r"lesions?", r"carcinoma", r"neoplas\w*", r"tumou?rs?", r"malignan\w*", r"cavitary lesion", r"cavitation"],
-    4: [r"o?edema\w*", r"edmea", r"(?:vascular|venous) (?:congestion|engorgement|prominence)",
-        r"(?:pulmonary )?congestion", r"congestive", r"indistinct\w*", r"fluid overload", r"kerley(?: b)?[- ]lines?",
-        r"b[- ]lines"],
+    4: [r"o?edema\w*", r"edmea", r"(?:vascular|venous) engorgement", r"congestive", r"fluid overload",
+        r"kerley(?: b)?[- ]lines?", r"b[- ]lines"],
     5: [r"consolidat\w*", r"consolidaton", r"consolodation", r"consoldation"],
     6: [r"pneumonias?", r"bronchopneumonia", r"pneumonitis", r"pnuemonia", r"pneumona", r"pnemonia", r"pna",
         r"infections?", r"infectious(?: process)?"],
@@ -61,7 +60,8 @@ FINDINGS = {
          r"(?:thyroid|breast|soft[- ]tissue|neck|chest wall|liver|hepatic|renal|adrenal|abdominal|mediastinal|"
          r"pericardial) (?:mass(?:es)?|lesions?|nodules?)",  # not in the lung
          r"(?:granulomatous|prior|previous|old|remote|healed) (?:infection|infectious \w+)",  # not pneumonia
-         r"sequelae? of (?:\w+ )?(?:infection|granulomatous \w+)", r"emphysema\w*", r"hyperinfla\w*", r"hyperexpan\w*", r"granulom\w*", r"calcifi\w*", r"\w*scolio\w*",
+         r"sequelae? of (?:\w+ )?(?:infection|granulomatous \w+)", r"emphysema\w*", r"hyperinfla\w*",
+         r"hyperexpan\w*", r"granulom\w*", r"calcifi\w*", r"\w*scolio\w*",
          r"kypho\w*", r"curvature", r"degenerat\w*", r"osteopeni\w*", r"osteophyt\w*", r"spondylosis", r"arthrit\w*",
          r"hernia", r"copd", r"bronchiectasis", r"plaques?", r"atheroscler\w*", r"thickening", r"cephalization",
          r"aspiration", r"bullae?", r"bullous", r"contusions?", r"metasta\w*", r"pneumomediastinum",
@@ -73,6 +73,12 @@ FINDINGS = {
          r"(?:hilar|bihilar) (?:prominence|enlargement|fullness)", r"clips?", r"stents?", r"sutures?", r"wires?"],
 }
 OTHER = 14
+# Mentions that are at most uncertain: CheXpert reads vascular congestion or prominence and indistinctness as a
+# possible edema (patterns/post_negation_uncertainty.txt); a negation still makes them negative.
+UNCERTAIN_FINDINGS = {
+    4: [r"(?:vascular|venous) (?:congestion|prominence)", r"(?:pulmonary )?congestion", r"indistinct\w*",
+        r"prominen\w* (?:of )?(?:the )?(?:\w+ )?(?:pulmonary |lung )?vascula\w*"],
+}
 # Anatomical mentions (0: mediastinum, 1: heart): labelled only through a size qualifier.
 ANATOMY = {
     0: [r"cardiomediastin\w*(?: (?:silhouette|contours?|shadow|width|structures))?",
@@ -120,8 +126,8 @@ CUES = {
     "softunc": [r"(?:suspicious|concerning|worrisome)(?! for| of)"],
     "uncweak": [r"(?:to )?suggest\w*", r"(?:to )?indicat\w*", r"to represent"],
     "unc": [r"possible", r"possibly", r"probable", r"probably", r"likely", r"may", r"might", r"could", r"perhaps",
-            r"maybe", r"questionabl[ey]", r"question(?: of)?", r"suspicious", r"suspect\w*", r"concern\w*", r"worrisome",
-            r"differential", r"consider\w*", r"presum\w*", r"indeterminate", r"equivocal", r"uncertain",
+            r"maybe", r"questionabl[ey]", r"question(?: of)?", r"suspicious", r"suspect\w*", r"concern\w*",
+            r"worrisome", r"differential", r"consider\w*", r"presum\w*", r"indeterminate", r"equivocal", r"uncertain",
             r"favou?r\w*", r"evaluat\w* for", r"assess\w* for", r"correlat\w* (?:clinically )?for", r"rule out",
             r"r/o", r"borderline"],
     # Size qualifiers of anatomy. "upper limits of normal" is negative (CheXpert's negation patterns).
@@ -149,6 +155,7 @@ def _compile():
         return f"(?P<{name}>" + "|".join(f.replace(" ", r"\s+") for f in fragments) + ")"
     words = [group(kind, CUES[kind]) for kind in _HEAD]
     words += [group("hf", [r"heart failure", r"chf"])]  # edema, and an uncertain Cardiomegaly (CheXpert rule)
+    words += [group(f"u{i}", frags) for i, frags in UNCERTAIN_FINDINGS.items()]  # before "prominent" the cue
     words += [group(kind, frags) for kind, frags in CUES.items() if kind not in _HEAD + ("conj",)]
     words += [group(f"m{i}", frags) for i, frags in FINDINGS.items()]
     words += [group(f"a{i}", frags) for i, frags in ANATOMY.items()]
@@ -158,7 +165,8 @@ def _compile():
 
 EVENTS = _compile()
 _KIND = {"qmark": "unc", "slash": "conj"}  # group name -> kind where they differ ("?pneumonia" is uncertain)
-MENTIONS = {"hf"} | {f"m{i}" for i in FINDINGS} | {f"a{i}" for i in ANATOMY}
+MENTIONS = {"hf"} | {f"{kind}{i}" for kind, table in (("m", FINDINGS), ("u", UNCERTAIN_FINDINGS), ("a", ANATOMY))
+                     for i in table}
 
 # Cues reach at most this many events away: long lists still fit, and a 100,000-character "clause" without
 # punctuation stays linear in time.
@@ -222,9 +230,9 @@ def _post_cue(kinds, i):
         if j == len(kinds):
             return None
     k = kinds[j]
-    if k == "unc" and (j + 1 == len(kinds) or kinds[j + 1] not in MENTIONS):  # "X is in the differential"
-        return -1.0  # (but "the opacity is likely atelectasis" states the opacity)
-    return 0.0 if k in ("negpost", "resolved", "normal") else -1.0 if k in ("uncneg", "uncpost") else None
+    if k in ("unc", "uncpost") and j + 1 < len(kinds) and kinds[j + 1] in MENTIONS:
+        return None  # "the opacity is likely atelectasis" states the opacity
+    return 0.0 if k in ("negpost", "resolved", "normal") else -1.0 if k in ("unc", "uncneg", "uncpost") else None
 
 
 def _anatomy_label(kinds, i):
@@ -245,6 +253,8 @@ def _anatomy_label(kinds, i):
         q = i - 1
         while q >= 0 and kinds[q] in ("a0", "a1", "conj", "comma"):
             q -= 1
+        if q >= 0 and kinds[q] == "unc":  # "borderline heart size"
+            return -1.0
         if q < 0 or kinds[q] not in ("normal", "abnormal", "borderline"):
             return None
         between, before = (), q
@@ -275,7 +285,7 @@ def _label_clause(names, found):
         label = _post_cue(kinds, i)
         if label is None:
             label = _pre_cue(kinds, i)
-        label = 1.0 if label is None else label
+        label = (-1.0 if name[0] == "u" else 1.0) if label is None else label
         obs = 4 if name == "hf" else int(name[1:])
         found.setdefault(obs, []).append(label)
         if name == "hf" and label != 0.0:
