@@ -36,6 +36,7 @@ WHEEL = "torchxrayvision-1.5.7-py3-none-any.whl"
 WHEEL_SHA256 = "95f6c3475661f3515d4258deb0855bd5d1b1a56e0b65384251d3dd3fa61fac41"
 ARCHIVE = "torchxrayvision/data/NLMCXR_reports.tgz"
 _MEMBER = re.compile(r"ecgen-radiology/(\d+)\.xml")
+_MIN_REPORTS = 3000  # the archive holds 3,955 reports; far fewer means it is not the archive we expect
 
 # MeSH `<major>` tag prefixes -> CheXpert observation (the mapping of issue 11). Enlarged Cardiomediastinum and
 # Pleural Other have no MeSH counterpart, so they have no reference positives and are never scored.
@@ -146,7 +147,7 @@ def read_dev(wheel=None, residues=(1, 3)) -> list:
                         studies.append(Study(number, f"{findings} {impression}", tags, reference_labels(tags)))
     except (zipfile.BadZipFile, KeyError, tarfile.TarError, EOFError, OSError) as e:
         raise ValueError(f"{where}: not the expected Open-i archive ({type(e).__name__}: {e})") from None
-    if members < 3000 or not studies:
+    if members < _MIN_REPORTS or not studies:
         raise ValueError(f"{where}: expected ~3,955 ecgen-radiology/N.xml reports, found {members}")
     return sorted(studies)
 
