@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from nanovalor.chexpert_rules import label_text
+from nanovalor.chexpert_rules import NO_FINDING, label_text  # noqa: F401 (NO_FINDING: part of this module's API)
 
 # The 14 CheXpert observations, in the order CheXpert, CheXbert and f1chexbert use (stanfordmlgroup/CheXbert
 # src/constants.py). Label vectors throughout nanovalor follow this order.
@@ -35,7 +35,6 @@ CHEXPERT_LABELS = (
 )
 # The five "competition" observations of CheXpert, used for F1-5.
 COMPETITION_LABELS = ("Cardiomegaly", "Edema", "Consolidation", "Atelectasis", "Pleural Effusion")
-NO_FINDING = 13
 
 
 @lru_cache(maxsize=65536)

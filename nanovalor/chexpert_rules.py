@@ -24,6 +24,8 @@ The labels of one report come from label_text (chexpert.label_report caches it).
 """
 import re
 
+CARDIOMEGALY, EDEMA, SUPPORT_DEVICES, NO_FINDING, OTHER = 1, 4, 12, 13, 14  # OTHER: findings outside the 14
+
 # Mention phrases (regex fragments, lower case, " " = any whitespace) per observation, index = position in
 # CHEXPERT_LABELS; after CheXpert's phrases/mention lists, with radiologists' synonyms, typos and abbreviations.
 FINDINGS = {
@@ -56,27 +58,26 @@ FINDINGS = {
          r"generator", r"stimulator", r"mediport", r"port-a-cath", r"ports?", r"ett", r"ngt", r"endotracheal",
          r"nasogastric", r"orogastric", r"swan[- ]ganz", r"tips?"],
     # Other findings: they make No Finding blank (CheXpert's phrases/mention/no_finding.txt), nothing else.
-    14: [r"calcified (?:nodul\w*|lymph nodes?)",  # a granuloma, not a lung lesion (CheXpert's unmention)
+    OTHER: [r"calcified (?:nodul\w*|lymph nodes?)",  # a granuloma, not a lung lesion (CheXpert's unmention)
          r"(?:thyroid|breast|soft[- ]tissue|neck|chest wall|liver|hepatic|renal|adrenal|abdominal|mediastinal|"
          r"pericardial) (?:mass(?:es)?|lesions?|nodules?)",  # not in the lung
          r"(?:granulomatous|prior|previous|old|remote|healed) (?:infection|infectious \w+)",  # not pneumonia
          r"sequelae? of (?:\w+ )?(?:infection|granulomatous \w+)", r"emphysema\w*", r"hyperinfla\w*",
-         r"hyperexpan\w*", r"granulom\w*", r"calcifi\w*", r"\w*scolio\w*",
-         r"kypho\w*", r"curvature", r"degenerat\w*", r"osteopeni\w*", r"osteophyt\w*", r"spondylosis", r"arthrit\w*",
-         r"hernia", r"copd", r"bronchiectasis", r"plaques?", r"atheroscler\w*", r"thickening", r"cephalization",
-         r"aspiration", r"bullae?", r"bullous", r"contusions?", r"metasta\w*", r"pneumomediastinum",
-         r"pneumoperitoneum", r"inflam\w*", r"elevat\w*", r"eventration", r"flatten\w*", r"blunt\w*",
-         r"densit(?:y|ies)", r"lucenc\w*", r"volume loss", r"deformit\w*",
-         r"hemorrhage", r"hematoma", r"hypertension", r"bronchitis", r"bronchiolitis", r"airways? disease",
-         r"osteodystrophy", r"arthropathy", r"tracheostomy", r"thoracentesis", r"bullet", r"fragments?",
-         r"tortuo\w*", r"ectasia", r"ectatic", r"unfold\w*", r"aneurysm\w*", r"\w*adenopathy",
-         r"(?:hilar|bihilar) (?:prominence|enlargement|fullness)", r"clips?", r"stents?", r"sutures?", r"wires?"],
+         r"hyperexpan\w*", r"granulom\w*", r"calcifi\w*", r"\w*scolio\w*", r"kypho\w*", r"curvature",
+         r"degenerat\w*", r"osteopeni\w*", r"osteophyt\w*", r"spondylosis", r"arthrit\w*", r"hernia", r"copd",
+         r"bronchiectasis", r"plaques?", r"atheroscler\w*", r"thickening", r"cephalization", r"aspiration",
+         r"bullae?", r"bullous", r"contusions?", r"metasta\w*", r"pneumomediastinum", r"pneumoperitoneum",
+         r"inflam\w*", r"elevat\w*", r"eventration", r"flatten\w*", r"blunt\w*", r"densit(?:y|ies)", r"lucenc\w*",
+         r"volume loss", r"deformit\w*", r"hemorrhage", r"hematoma", r"hypertension", r"bronchitis",
+         r"bronchiolitis", r"airways? disease", r"osteodystrophy", r"arthropathy", r"tracheostomy", r"thoracentesis",
+         r"bullet", r"fragments?", r"tortuo\w*", r"ectasia", r"ectatic", r"unfold\w*", r"aneurysm\w*",
+         r"\w*adenopathy", r"(?:hilar|bihilar) (?:prominence|enlargement|fullness)",
+         r"clips?", r"stents?", r"sutures?", r"wires?"],  # foreign material that does not support the patient
 }
-OTHER = 14
 # Mentions that are at most uncertain: CheXpert reads vascular congestion or prominence and indistinctness as a
 # possible edema (patterns/post_negation_uncertainty.txt); a negation still makes them negative.
 UNCERTAIN_FINDINGS = {
-    4: [r"(?:vascular|venous) (?:congestion|prominence)", r"(?:pulmonary )?congestion", r"indistinct\w*",
+    EDEMA: [r"(?:vascular|venous) (?:congestion|prominence)", r"(?:pulmonary )?congestion", r"indistinct\w*",
         r"prominen\w* (?:of )?(?:the )?(?:\w+ )?(?:pulmonary |lung )?vascula\w*"],
 }
 # Anatomical mentions (0: mediastinum, 1: heart): labelled only through a size qualifier.
@@ -124,13 +125,15 @@ CUES = {
             r"removal of"],
     # Uncertainty that a mention's own negation overrides: "no suspicious opacity" (but "suspicious for" is "unc").
     "softunc": [r"(?:suspicious|concerning|worrisome)(?! for| of)"],
+    # "suggestive of X" is uncertain, but an earlier negation wins ("no consolidation to suggest pneumonia").
     "uncweak": [r"(?:to )?suggest\w*", r"(?:to )?indicat\w*", r"to represent"],
     "unc": [r"possible", r"possibly", r"probable", r"probably", r"likely", r"may", r"might", r"could", r"perhaps",
             r"maybe", r"questionabl[ey]", r"question(?: of)?", r"suspicious", r"suspect\w*", r"concern\w*",
             r"worrisome", r"differential", r"consider\w*", r"presum\w*", r"indeterminate", r"equivocal", r"uncertain",
             r"favou?r\w*", r"evaluat\w* for", r"assess\w* for", r"correlat\w* (?:clinically )?for", r"rule out",
             r"r/o", r"borderline"],
-    # Size qualifiers of anatomy. "upper limits of normal" is negative (CheXpert's negation patterns).
+    # Size qualifiers of anatomy. "upper limits of normal" is negative (CheXpert's negation patterns); "normal"
+    # after a finding's verb negates it too ("vascular engorgement appears within normal limits").
     "borderline": [r"prominen\w*"],
     "normal": [r"(?:(?:at|near|within) )?(?:the )?(?:upper|top|high)[- ](?:limits? (?:of )?)?normal(?: limits)?",
                r"within (?:the )?(?:normal limits|limits of normal)", r"wnl", r"normal", r"unremarkable"],
@@ -286,10 +289,10 @@ def _label_clause(names, found):
         if label is None:
             label = _pre_cue(kinds, i)
         label = (-1.0 if name[0] == "u" else 1.0) if label is None else label
-        obs = 4 if name == "hf" else int(name[1:])
+        obs = EDEMA if name == "hf" else int(name[1:])
         found.setdefault(obs, []).append(label)
         if name == "hf" and label != 0.0:
-            found.setdefault(1, []).append(-1.0)
+            found.setdefault(CARDIOMEGALY, []).append(-1.0)
 
 
 def label_text(text: str) -> tuple:
@@ -309,8 +312,8 @@ def label_text(text: str) -> tuple:
         _label_clause(clause, found)
     labels = [None] * 14
     for obs, values in found.items():
-        if obs < 14:
+        if obs != OTHER:
             labels[obs] = 1.0 if 1.0 in values else -1.0 if -1.0 in values else 0.0
-    if not any(1.0 in v or -1.0 in v for obs, v in found.items() if obs not in (12, 13)):
-        labels[13] = 1.0
+    if not any(1.0 in v or -1.0 in v for obs, v in found.items() if obs != SUPPORT_DEVICES):
+        labels[NO_FINDING] = 1.0
     return tuple(labels)
