@@ -13,7 +13,6 @@ import random
 import runpy
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -243,20 +242,13 @@ def test_labeler_reads_phantom_reports():
     assert clinical_f1(label_reports(texts), truth)["f1_micro_14"] >= 0.98
 
 
-def test_labeler_speed_and_odd_text():
+def test_labeler_takes_odd_text():  # its speed: bench/rewards.py and bench/labeler_iu.py
     rng = random.Random(0)
     sentences = [s for s, _ in read_sentences("chexpert_sentences.tsv")]
-    reports = [" ".join(rng.sample(sentences, 6)) for _ in range(1000)]
-    start = time.perf_counter()
-    for r in reports:
-        label_report(r)
-    rate = len(reports) / (time.perf_counter() - start)
-    print(f"labeler: {rate:.0f} reports/s")
-    assert rate > 1000  # the benchmark's target is 2,000/s on an idle core; this machine is shared
-    for odd in ["", "   ", "??", "XXXX XXXX", "é" * 1000, "\x00\ufffd", "no " * 34000, " ".join(reports)[:100000]]:
-        start = time.perf_counter()
-        assert len(label_report(odd)) == 14
-        assert time.perf_counter() - start < 1.0
+    long = " ".join(" ".join(rng.sample(sentences, 6)) for _ in range(1000))[:100000]
+    for odd in ["", "   ", "??", "XXXX XXXX", "é" * 1000, "\x00\ufffd", "no " * 34000, long]:
+        labels = label_report(odd)
+        assert len(labels) == 14 and all(v in (1.0, 0.0, -1.0, None) for v in labels)
 
 
 # ---------------------------------------------------------------------------------------- clinical F1, reward
@@ -334,9 +326,7 @@ def test_odd_text_and_long_report():
     ref = "The heart is normal in size. No pleural effusion or pneumothorax. The lungs are clear."
     odd = ["", " ", "é ü 中文 ✓", "\x00", "XXXX", "no " * 34000, (ref + " ") * 1100]
     for text in odd:
-        start = time.perf_counter()
         rewards, parts = text_reward([text], [ref], weights)
-        assert time.perf_counter() - start < 1.0, len(text)
         assert np.isfinite(rewards).all() and all(np.isfinite(v).all() for v in parts.values())
     metrics = corpus_metrics(odd, [ref] * len(odd))
     assert all(math.isfinite(v) for k, v in metrics.items() if k != "per_sample")
