@@ -70,9 +70,7 @@ def read_annotation(path, split="train", image_root=None, views="first", skip_ba
     """
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such annotation file") from None
+        data = json.loads(_read_text(path, "annotation file"))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
     if not isinstance(data, dict) or split not in data or not isinstance(data[split], list):
@@ -96,10 +94,7 @@ def read_jsonl(path, image_root=None, views="first", skip_bad=False, clean=None)
     Other arguments as in read_annotation.
     """
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such JSONL file") from None
+    lines = _read_text(path, "JSONL file").split("\n")  # "\n" only: splitlines() also splits inside a report
     entries = []
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
@@ -114,6 +109,21 @@ def read_jsonl(path, image_root=None, views="first", skip_bad=False, clean=None)
         entries.append((where, str(item.get("id", lineno)), images, item["report"], item.get("labels")))
     return _studies(entries, str(path), image_root if image_root is not None else path.parent, views, skip_bad,
                     clean)
+
+
+def _read_text(path, kind):
+    """A UTF-8 text file's contents, or one DataError naming the file (missing, a folder, not UTF-8: with the line)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such {kind}") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: a folder, expected the {kind} itself") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = 1 + data[:e.start].count(b"\n")
+        raise DataError(f"{path}, line {line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def _require(item, keys, where):
@@ -134,9 +144,16 @@ def _studies(entries, source, image_root, views, skip_bad, clean) -> list[Study]
         if study_id in seen:
             raise DataError(f"{where}: duplicated id {study_id!r} (first seen at {seen[study_id]})")
         seen[study_id] = where
-        if isinstance(report, str) and clean is not None:
+        if not isinstance(report, str):
+            raise DataError(f"{where}: field 'report' is {type(report).__name__} {report!r}, expected text")
+        try:
+            report.encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer takes
+            raise DataError(f"{where}: field 'report' holds {report[e.start]!r} at character {e.start}, a lone "
+                            "surrogate (not text)") from None
+        if clean is not None:
             report = clean_report(report, style=clean)
-        if not isinstance(report, str) or not report.strip():
+        if not report.strip():
             raise DataError(f"{where}: empty report (expected non-empty text)")
         if not isinstance(images, list) or not images:
             raise DataError(f"{where}: expected at least one image path, got {images!r}")
@@ -168,13 +185,20 @@ def _inside(root, rel, where) -> str:
 
 
 def _image_problem(path) -> str | None:
-    """None if the file opens as an image (the header only: full decoding waits for load_image), else why not."""
+    """None if the file decodes as an image, else why not. Decoded whole, so that a truncated file is found when the
+    dataset is read, not at step 5,000 (a JPEG at 1/8 scale: its whole stream is still read)."""
     try:
-        with Image.open(path):
+        with Image.open(path) as image:
+            image.draft(image.mode, (image.width // 8, image.height // 8))  # JPEG only; other formats ignore it
+            image.load()
             return None
     except FileNotFoundError:
         return "missing"
-    except (OSError, UnidentifiedImageError, ValueError):
+    except IsADirectoryError:
+        return "a folder"
+    except Image.DecompressionBombError as e:
+        return f"refused: {e}"
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
         return "unreadable"
 
 
@@ -208,6 +232,8 @@ def load_image(path) -> Image.Image:
             return to_rgb(image)
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path}: refused ({e})") from None
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise DataError(f"{path}: cannot read the image ({e})") from None
 

@@ -211,6 +211,8 @@ def _write(tmp_path, train):
     (lambda e: e[0].update(labels=[1] * 13), r"train\[0\].*'labels' must be a list of 14"),
     (lambda e: e[0].update(labels={"Cardiomegaly": 2}), r"train\[0\].*'labels' holds 2; expected 1, 0, -1"),
     (lambda e: e[0].update(labels={"Heart": 1}), r"unknown observation\(s\) \['Heart'\]"),
+    (lambda e: e[2].update(report=42), r"train\[2\] \(id 's2'\): field 'report' is int 42, expected text"),
+    (lambda e: e[1].update(report="Mild edema \ud800."), r"train\[1\].*'\\ud800' at character 11, a lone surrogate"),
 ])
 def test_annotation_errors(tmp_path, change, message):
     entries = _dataset(tmp_path)
@@ -237,6 +239,49 @@ def test_file_level_errors(tmp_path):
     (tmp_path / "broken.jsonl").write_text("\n".join(lines))
     with pytest.raises(DataError, match=r"broken.jsonl:5: missing field\(s\) \['report'\]"):
         data.read_jsonl(tmp_path / "broken.jsonl", image_root=tmp_path / "images")
+
+
+def test_unreadable_files_get_one_line_naming_them(tmp_path):
+    _dataset(tmp_path)
+    (tmp_path / "latin1.json").write_bytes('{"train": [\n{"id": "caf\xe9"}]}'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.json, line 2: not UTF-8 text"):
+        data.read_annotation(tmp_path / "latin1.json")
+    (tmp_path / "latin1.jsonl").write_bytes('\n\n{"image": "a.png", "report": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.jsonl, line 3: not UTF-8 text"):
+        data.read_jsonl(tmp_path / "latin1.jsonl")
+    (tmp_path / "folder.json").mkdir()
+    with pytest.raises(DataError, match=r"folder.json: a folder, expected the annotation file itself"):
+        data.read_annotation(tmp_path / "folder.json")
+    with pytest.raises(DataError, match=r"images: a folder, expected the JSONL file itself"):
+        data.read_jsonl(tmp_path / "images")
+
+
+def test_jsonl_lines_end_at_newlines_only(tmp_path):
+    _dataset(tmp_path)
+    report = "Heart normal.\u2028No effusion.\x85Lungs clear."  # JSON keeps these raw; splitlines() cut them
+    (tmp_path / "odd.jsonl").write_text(json.dumps({"image": "s0/frontal.png", "report": report},
+                                                   ensure_ascii=False) + "\r\n", encoding="utf-8")
+    studies = data.read_jsonl(tmp_path / "odd.jsonl", image_root=tmp_path / "images")
+    assert [s.report for s in studies] == [report]
+
+
+def test_truncated_and_oversized_images_are_found_when_the_dataset_is_read(tmp_path):
+    entries = _dataset(tmp_path, n=3)
+    good = _png(tmp_path / "big.png", size=(64, 64)).read_bytes()
+    (tmp_path / "images" / "s1" / "frontal.png").write_bytes(good[: len(good) // 2])  # a valid header, cut pixels
+    with pytest.raises(DataError, match=r"s1/frontal.png \(unreadable\)"):
+        data.read_annotation(_write(tmp_path, entries))
+    assert [s.id for s in data.read_annotation(tmp_path / "annotation.json", skip_bad=True)] == ["s0", "s2"]
+    _png(tmp_path / "images" / "s1" / "frontal.png", size=(64, 64))
+    limit = Image.MAX_IMAGE_PIXELS
+    try:  # a decompression bomb: more than twice PIL's pixel limit
+        Image.MAX_IMAGE_PIXELS = 64 * 64 // 3
+        with pytest.raises(DataError, match=r"s1/frontal.png \(refused: Image size \(4096 pixels\) exceeds"):
+            data.read_annotation(tmp_path / "annotation.json")
+        with pytest.raises(DataError, match=r"big.png: refused"):
+            data.load_image(tmp_path / "big.png")
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 def test_bad_images_are_listed_or_skipped_and_counted(tmp_path, caplog):
