@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
-from nanovalor.weights import read_weights
+from nanovalor.weights import read_tokenizer, read_weights
 
 # -----------------------------------------------------------------------------
 # BERT encoder (Devlin et al. 2019): post-LayerNorm blocks, learned absolute positions, exact GELU.
@@ -142,7 +142,7 @@ def load_bert_tokenizer(folder, max_length=512):
     continuations, [CLS] ... [SEP]. Longer inputs are truncated to max_length tokens, specials included."""
     folder = Path(folder)
     if (folder / "tokenizer.json").exists():
-        return finish_tokenizer(Tokenizer.from_file(str(folder / "tokenizer.json")), folder, max_length, "[PAD]")
+        return finish_tokenizer(read_tokenizer(folder / "tokenizer.json"), folder, max_length, "[PAD]")
     if not (folder / "vocab.txt").exists():
         raise FileNotFoundError(f"{folder}: no tokenizer.json or vocab.txt for the BERT tokenizer")
     lines = (folder / "vocab.txt").read_text(encoding="utf-8").splitlines()
@@ -221,10 +221,14 @@ class CheXbert(nn.Module):
         return out
 
 
-def load_chexbert(checkpoint, tokenizer_folder, device="cpu") -> CheXbert:
+def load_chexbert(checkpoint, tokenizer_folder=None, device="cpu") -> CheXbert:
     """CheXbert from `chexbert.pth` (a dict with `model_state_dict`, keys prefixed `module.`), loaded with
     torch.load(weights_only=True), and the bert-base-uncased WordPiece tokenizer in `tokenizer_folder`
-    (tokenizer.json or vocab.txt). The BERT shape is read from the weights (heads = hidden / 64, as BERT-base)."""
+    (tokenizer.json or vocab.txt; default: the checkpoint's own folder). The BERT shape is read from the weights
+    (heads = hidden / 64, as BERT-base)."""
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"{checkpoint}: no such file (expected CheXbert's chexbert.pth)")
+    tokenizer_folder = Path(checkpoint).parent if tokenizer_folder is None else tokenizer_folder
     state = {k.removeprefix("module."): v for k, v in read_weights(checkpoint, key="model_state_dict").items()}
     state = {k: v for k, v in state.items() if not k.startswith("bert.pooler.") and not k.endswith("position_ids")}
     try:

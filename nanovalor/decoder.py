@@ -13,6 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from nanovalor.weights import check_fields
+
 # Llama / Mistral / Qwen2 differ only in the fields below. Parameter names mirror transformers'.
 
 @dataclass
@@ -153,6 +155,9 @@ def decoder_config_from_hf(d, where):
     kind = d.get("model_type", "llama")
     if kind not in DECODER_DEFAULTS:
         raise ValueError(f"{where}: model_type {kind!r}: expected one of {sorted(DECODER_DEFAULTS)}")
+    check_fields(d, where, ints=("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                 "num_attention_heads", "num_key_value_heads", "head_dim"),
+                 numbers=("rms_norm_eps", "rope_theta"))
     d = {**DECODER_DEFAULTS[kind], **d}
     if d.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{where}: hidden_act {d['hidden_act']!r}: expected 'silu' (SwiGLU)")

@@ -24,14 +24,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from tokenizers import Tokenizer
 
 from nanovalor.checkpoint import atomic_folder
 from nanovalor.data import ImageProcessing, load_image, preprocess, read_preprocessor_config
-from nanovalor.bert import Bert, BertConfig, bert_config_from_state, count_layers, finish_tokenizer, load_bert_tokenizer, tokenize
+from nanovalor.bert import (Bert, BertConfig, bert_config_from_state, count_layers, finish_tokenizer, load_bert_tokenizer,
+                            tokenize)
 from nanovalor.decoder import attention_mask_4d
 from nanovalor.vit import VisionConfig, VisionEncoder, VisionTower, vision_config_from_hf
-from nanovalor.weights import checkpoint_files, load_checked, read_checkpoint, read_weights, resolve
+from nanovalor.weights import checkpoint_files, load_checked, read_checkpoint, read_tokenizer, read_weights, resolve
 
 def load_clip_tokenizer(folder, max_length=77):
     """CLIP byte-level BPE tokenizer from `tokenizer.json` (HF CLIPTokenizer's: <|startoftext|> ... <|endoftext|>).
@@ -44,7 +44,7 @@ def load_clip_tokenizer(folder, max_length=77):
     if (folder / "tokenizer_config.json").exists():
         pad = json.loads((folder / "tokenizer_config.json").read_text()).get("pad_token", pad)
         pad = pad["content"] if isinstance(pad, dict) else pad
-    return finish_tokenizer(Tokenizer.from_file(str(folder / "tokenizer.json")), folder, max_length, pad)
+    return finish_tokenizer(read_tokenizer(folder / "tokenizer.json"), folder, max_length, pad)
 
 
 # -----------------------------------------------------------------------------

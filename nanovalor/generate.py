@@ -28,10 +28,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer
 
 from nanovalor.policy import token_ids
-from nanovalor.weights import resolve
+from nanovalor.weights import read_tokenizer, resolve
 
 # -----------------------------------------------------------------------------
 # Prompts: the tokenizer, the chat format of each model family, and token ids in transformers' Llava convention.
@@ -81,7 +80,7 @@ def load_tokenizer(path_or_repo_id):
     if not path.exists():
         raise FileNotFoundError(f"{path}: missing. nanovalor reads only tokenizer.json; for a sentencepiece-only "
                                 f"repo use the tokenizer.json of its base LLM (same vocabulary)")
-    return Tokenizer.from_file(str(path))
+    return read_tokenizer(path)
 
 
 def encode_prompt(tokenizer, prompt, cfg):

@@ -161,7 +161,8 @@ def config_from_hf(d, where):
     if act != "gelu":
         raise ValueError(f"{where}: projector_hidden_act {act!r}: expected 'gelu'")
     text.tie_embeddings = bool(d.get("tie_word_embeddings")) or text.tie_embeddings  # either level, as HF reads it
-    return LlavaConfig(vision=vision_config_from_hf(d["vision_config"]), text=text, projector="mlp2x_gelu",
+    return LlavaConfig(vision=vision_config_from_hf(d["vision_config"], f"{where} vision_config"), text=text,
+                       projector="mlp2x_gelu",
                        projector_bias=d.get("multimodal_projector_bias", True),
                        image_token_id=d.get("image_token_index", d.get("image_token_id", 32000)), feature_layer=layer,
                        feature_select=d.get("vision_feature_select_strategy", "default"),

@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanovalor.weights import check_fields
+
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # OpenAI CLIP
     "gelu": F.gelu,  # timm ViT (BiomedCLIP)
@@ -36,15 +38,18 @@ class VisionConfig:
         return (self.image_size // self.patch_size) ** 2
 
 
-def vision_config_from_hf(d):
+def vision_config_from_hf(d, where="vision_config"):
     """VisionConfig from an HF `vision_config` dict (CLIPVisionConfig or SiglipVisionConfig)."""
     kind = d.get("model_type")
     if kind not in ("clip_vision_model", "siglip_vision_model"):
-        raise ValueError(f"vision_config.model_type {kind!r}: expected 'clip_vision_model' or 'siglip_vision_model'")
+        raise ValueError(f"{where}: model_type {kind!r}: expected 'clip_vision_model' or 'siglip_vision_model'")
+    check_fields(d, where, ints=("image_size", "patch_size", "hidden_size", "intermediate_size",
+                                           "num_hidden_layers", "num_attention_heads", "num_channels"),
+                 numbers=("layer_norm_eps",))
     clip = kind == "clip_vision_model"
     act = d.get("hidden_act", "quick_gelu" if clip else "gelu_pytorch_tanh")
     if act not in ACTIVATIONS:
-        raise ValueError(f"vision_config.hidden_act {act!r}: expected one of {sorted(ACTIVATIONS)}")
+        raise ValueError(f"{where}: hidden_act {act!r}: expected one of {sorted(ACTIVATIONS)}")
     return VisionConfig(
         image_size=d.get("image_size", 224), patch_size=d.get("patch_size", 32 if clip else 16),
         hidden_size=d.get("hidden_size", 768), intermediate_size=d.get("intermediate_size", 3072),

@@ -25,6 +25,29 @@ def read_json(path):
         raise ValueError(f"{path}: not readable JSON ({e})") from e
 
 
+def check_fields(d, where, ints=(), numbers=()):
+    """A config dict's fields that are present must have their type: `ints` positive integers, `numbers` real
+    numbers (a bool or a string such as "4096" is refused). One error naming the file and the field."""
+    for key in ints:
+        v = d.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{where}: {key} = {v!r}: expected a positive integer")
+    for key in numbers:
+        v = d.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ValueError(f"{where}: {key} = {v!r}: expected a number")
+
+
+def read_tokenizer(path):
+    """A tokenizers.Tokenizer from a tokenizer.json file, or one error naming it (a corrupt or foreign file makes
+    the tokenizers library raise with a message that names neither)."""
+    from tokenizers import Tokenizer
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a plain Exception for a malformed file
+        raise ValueError(f"{path}: not a readable tokenizer.json ({e})") from None
+
+
 def resolve(path_or_repo_id, allow_patterns=None):
     """A local folder as it is; "owner/name" through huggingface_hub.snapshot_download (HF_HUB_OFFLINE=1: the
     local cache only), fetching the files that match allow_patterns. By default a model's: pytorch_model*.bin are
@@ -69,7 +92,10 @@ def read_weights(path, key="state_dict"):
     torch.load(weights_only=True) (tensors and plain containers, never code), unwrapped from {key: state dict}."""
     if Path(path).suffix == ".safetensors":
         from safetensors.torch import load_file
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as e:  # a truncated or foreign file: safetensors' message does not name it
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

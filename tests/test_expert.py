@@ -281,7 +281,16 @@ def test_save_load_round_trip(tmp_path):
     pixels = torch.randn(2, 3, 32, 32)
     assert torch.equal(again.similarity(pixels, REPORTS), expert.similarity(pixels, REPORTS))
     save(again, tmp_path / "ours")  # overwriting an existing expert folder
-    assert not list(tmp_path.glob(".ours.tmp*"))
+    assert not list(tmp_path.glob(".ours.*"))
+    weights = tmp_path / "ours" / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:1000])  # an interrupted copy: one line naming the file
+    with pytest.raises(ValueError, match=r"ours/model.safetensors: not a readable safetensors file"):
+        load(tmp_path / "ours")
+    weights.write_bytes(good)
+    (tmp_path / "ours" / "tokenizer.json").write_text("{")
+    with pytest.raises(ValueError, match=r"ours/tokenizer.json: not a readable tokenizer.json"):
+        load(tmp_path / "ours")
 
 
 def test_mismatched_checkpoint_lists_every_key(tmp_path):

@@ -337,6 +337,12 @@ def test_bad_checkpoints_give_one_clear_error(models, tmp_path):
          "text_config: model_type 'gemma'"),
         (dict(config=lambda c: {**c, "architectures": ["LlavaNextForConditionalGeneration"]}), ValueError,
          "architectures"),
+        (dict(config=lambda c: {**c, "text_config": {**c["text_config"], "hidden_size": "60"}}), ValueError,
+         r"config.json text_config: hidden_size = '60': expected a positive integer"),
+        (dict(config=lambda c: {**c, "vision_config": {**c["vision_config"], "patch_size": 0}}), ValueError,
+         r"config.json vision_config: patch_size = 0: expected a positive integer"),
+        (dict(config=lambda c: {**c, "text_config": {**c["text_config"], "rope_theta": True}}), ValueError,
+         r"rope_theta = True: expected a number"),
     ]
     for i, (change, error, message) in enumerate(cases):
         with pytest.raises(error, match=message):
@@ -353,6 +359,15 @@ def test_bad_checkpoints_give_one_clear_error(models, tmp_path):
         load(tmp_path / "noweights")
     with pytest.raises(FileNotFoundError, match="no such model folder"):
         load(tmp_path / "does-not-exist")
+    cut = _copy_with(src, tmp_path / "truncated")
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[:len(data) // 2])  # an interrupted download
+    with pytest.raises(ValueError, match=r"truncated/model.safetensors: not a readable safetensors file"):
+        load(cut)
+    (cut / "model.safetensors").write_bytes(data)
+    (cut / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE", "vocab": ')
+    with pytest.raises(ValueError, match=r"truncated/tokenizer.json: not a readable tokenizer.json"):
+        load_tokenizer(cut)
 
 
 def test_hub_id_in_offline_mode_is_a_clear_error(tmp_path):
