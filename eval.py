@@ -32,14 +32,15 @@ import torch
 
 from nanovalor import expert as experts
 from nanovalor import policy as policies
+from nanovalor.bert import load_chexbert
 from nanovalor.checkpoint import write_atomic
 from nanovalor.config import checked, parse
 from nanovalor.data import read_dataset
 from nanovalor.evaluation import METRICS, evaluate, generation_settings, table, training_config
 from nanovalor.generate import load_tokenizer
-from nanovalor.weights import resolve
 from nanovalor.nlg import read_reports
 from nanovalor.rewards import corpus_metrics
+from nanovalor.weights import resolve
 
 # The file mode's rows: corpus_metrics' part of METRICS (BLEU-1 .. F1-14 macro), METEOR named for its matchers.
 ROWS = [("METEOR (exact+stem)" if key == "meteor" else name, key) for name, key in METRICS[:11]]
@@ -49,20 +50,21 @@ ROOT = Path(__file__).resolve().parent
 @dataclass
 class Config:
     model: list[str] = field(default_factory=list)  # policy checkpoints (folders or hub ids): one table row each
-    split: str = "test"
+    split: str = "test"  # the split of --data to evaluate (train, val or test)
     data: str = "out/phantoms/annotation.json"  # annotation.json or .jsonl (a .jsonl file is one split)
     image_root: str = ""  # "": images/ next to the annotation file
     expert: str = ""  # "": the phantom world's expert when there is one; "none": no expert similarity
     n: int = 0  # evaluate the first n studies of the split; 0: all
     prompt: str = ""  # "": each checkpoint's training prompt (train_config.json), else data.DEFAULT_PROMPT
     max_new_tokens: int = 0  # 0: each checkpoint's training max_new_tokens, else 128
-    batch_size: int = 32
+    batch_size: int = 32  # studies per greedy generation batch
     json: str = ""  # write the metrics (and reports, or per-sample values) here
     results: str = "results.jsonl"  # append one row per model (.jsonl: JSON objects; .md: markdown table rows)
     device: str = ""  # "": cuda when available, else cpu
     hyps: str = ""  # the file mode: generated reports, one per line ...
     refs: str = ""  # ... and the references, line by line
     style: str = "coco"  # file mode: text normalisation before the NLG metrics (r2gen: periods are tokens)
+    chexbert: str = ""  # CheXbert's chexbert.pth (bert-base-uncased's vocab.txt beside it): its clinical F1s too
 
 
 def files_mode(cfg):
@@ -76,10 +78,11 @@ def files_mode(cfg):
                          "expected one report per line in both, in the same order")
     if not hyps:
         raise SystemExit(f"error: {cfg.hyps} is empty: expected one report per line")
-    metrics = corpus_metrics(hyps, refs, style=cfg.style)
+    chexbert = checked(load_chexbert, cfg.chexbert) if cfg.chexbert else None
+    metrics = corpus_metrics(hyps, refs, style=cfg.style, chexbert=chexbert)
     print(f"{len(hyps)} reports, {cfg.hyps} vs {cfg.refs} (style {cfg.style})")
     print(f"{'metric':<20} {'value':>8}")
-    for name, key in ROWS:
+    for name, key in ROWS + [(name, key) for name, key in METRICS if key.startswith("chexbert") and key in metrics]:
         print(f"{name:<20} {metrics[key]:>8.4f}")
     if cfg.json:
         record = dict(hyps=cfg.hyps, refs=cfg.refs, style=cfg.style, n=len(hyps), **metrics)
@@ -137,6 +140,7 @@ def models_mode(cfg):
     if not expert_path and world.name == "phantoms" and (world.parent / "expert" / "checkpoint").exists():
         expert_path = str(world.parent / "expert" / "checkpoint")
     expert = checked(experts.load, expert_path, device) if expert_path not in ("", "none") else None
+    chexbert = checked(load_chexbert, cfg.chexbert, device=device) if cfg.chexbert else None
     print(f"{cfg.split} split of {cfg.data}: {len(studies)} studies; expert: {expert_path or 'none'}", file=sys.stderr)
 
     rows, record = {}, dict(data=cfg.data, split=cfg.split, n=len(studies), expert=expert_path, models={})
@@ -147,7 +151,7 @@ def models_mode(cfg):
         tok = checked(load_tokenizer, model.source)
         trained = checked(training_config, model.source)
         prompt, cap = generation_settings(trained, cfg.prompt, cfg.max_new_tokens)
-        rows[name], reports = evaluate(model, tok, studies, expert, prompt, cfg.batch_size, cap)
+        rows[name], reports = evaluate(model, tok, studies, expert, prompt, cfg.batch_size, cap, chexbert)
         print(f"{name}: {len(studies)} reports in {time.time() - start:.1f} s", file=sys.stderr)
         row = dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), commit=commit,
                    model=name, split=cfg.split, n=len(studies), data=cfg.data, config=config_diff(trained),

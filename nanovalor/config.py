@@ -4,8 +4,11 @@ Each entry script (train.py, sample.py, eval.py) keeps its whole configuration i
 defaults; `parse(Config, argv)` returns an instance with the overrides applied. An unknown field or a value of the
 wrong type is an error that names it. Fields typed `list[str]` may be given several times (`--image a --image b`).
 `checked(fn, ...)` turns such an error, or a missing or malformed input file, into a one-line `error: ...` exit.
+`--help` (or `-h`) lists every option with its default and the comment beside it in the dataclass.
 """
 import dataclasses
+import inspect
+import re
 import sys
 import types
 import typing
@@ -28,9 +31,32 @@ def _convert(name, kind, text):
         raise ValueError(f"--{name}={text}: expected {kind.__name__}") from None
 
 
+def usage(config_class, script=None):
+    """Every option of config_class: `--name=default`, then the comment written beside the field (and on the comment
+    lines right below it), read from the source so that the help is the code's own documentation."""
+    lines, comments, name = inspect.getsource(config_class).splitlines(), {}, None
+    for line in lines:
+        field_line = re.match(r"\s+(\w+)\s*:[^#]*?(?:#\s?(.*))?$", line)
+        if field_line and not line.strip().startswith("#"):
+            name = field_line[1]
+            comments[name] = [field_line[2] or ""]
+        elif name and line.strip().startswith("#"):
+            comments[name].append(line.strip()[1:].strip())
+    doc = (config_class.__module__ and sys.modules[config_class.__module__].__doc__ or "").strip().split("\n\n")[0]
+    out = [f"usage: python {script or sys.argv[0]} [--field=value ...]", "", doc, "", "options:"]
+    for f in dataclasses.fields(config_class):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        out.append(f"  --{f.name}={default!r}")
+        out += [f"      {c}" for c in comments.get(f.name, []) if c]
+    return "\n".join(out)
+
+
 def parse(config_class, argv=None):
     """Return config_class() with `--field=value` overrides from argv (default: sys.argv[1:]) applied."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in argv or "-h" in argv:
+        print(usage(config_class))
+        raise SystemExit(0)
     fields = typing.get_type_hints(config_class)  # name -> type, in declaration order
     values = {}
     while argv:

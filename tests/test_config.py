@@ -46,3 +46,29 @@ def test_checked_exits_with_the_message():
         checked(open, "no-such-file")
     with pytest.raises(KeyError):  # not bad input: a bug, with its traceback
         checked({}.__getitem__, "x")
+
+
+@pytest.mark.parametrize("script", ["train.py", "eval.py", "sample.py"])
+def test_every_script_lists_every_option_with_its_comment(script):
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / script), "--help"], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith(f"usage: python {root / script}"), done.stderr[-2000:]
+    config = runpy_config(root / script)
+    lines = done.stdout.splitlines()
+    options = {line.split("=")[0].strip(): i for i, line in enumerate(lines) if line.startswith("  --")}
+    assert set(options) == {f"--{f}" for f in config}
+    undocumented = [o for o, i in options.items()  # the comment goes on the lines below the option
+                    if i + 1 == len(lines) or not lines[i + 1].startswith("      ") or not lines[i + 1].strip()]
+    assert undocumented == [], f"{script}: options without a comment in its Config: {undocumented}"
+
+
+def runpy_config(path):
+    """The field names of a script's Config, read from its source (importing train.py would start nothing, but
+    sample.py and eval.py are scripts)."""
+    import ast
+    tree = ast.parse(path.read_text())
+    config = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Config")
+    return [n.target.id for n in config.body if isinstance(n, ast.AnnAssign)]
