@@ -21,6 +21,16 @@ def init():
     return rank, world, torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def print0(*args):
+    """print on rank 0 only, flushed (the log of a run)."""
+    if rank_and_world()[0] == 0:
+        print(*args, flush=True)
+
+
+def rank_and_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
 def all_sum(x, device):
     """A number (or list of numbers) summed over ranks, as a float64 tensor."""
     t = torch.as_tensor(x, dtype=torch.float64, device=device)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nanovalor import dist
 from nanovalor.data import DEFAULT_PROMPT, load_image, preprocess, read_preprocessor_config
 from nanovalor.generate import decode_completions, encode_prompts, sample
 from nanovalor.chexpert import NO_FINDING, positive
@@ -23,7 +24,8 @@ METRICS = [("BLEU-1", "bleu1"), ("BLEU-2", "bleu2"), ("BLEU-3", "bleu3"), ("BLEU
            ("METEOR", "meteor"), ("CIDEr-D", "cider"), ("F1-5 micro", "f1_micro_5"), ("F1-5 macro", "f1_macro_5"),
            ("F1-14 micro", "f1_micro_14"), ("F1-14 macro", "f1_macro_14"), ("clinical reward", "clinical"),
            ("expert sim", "expert_sim"), ("hallucination", "hallucination"), ("omission", "omission"),
-           ("normal share", "normal_share"), ("words", "words"), ("distinct", "distinct")]
+           ("normal share", "normal_share"), ("words", "words"), ("distinct", "distinct"),
+           ("CheXbert F1-5 micro", "chexbert_f1_micro_5"), ("CheXbert F1-14 micro", "chexbert_f1_micro_14")]
 
 
 def training_config(folder):
@@ -81,10 +83,10 @@ def finding_rates(hyp_labels, ref_labels):
     return float(hallucination), float(omission), normal_share(hyp_labels)
 
 
-def report_metrics(reports, studies, expert=None):
-    """Every metric of METRICS for generated reports against the studies' references (and, with an expert, the
-    mean cosine similarity between each X-ray and its generated report)."""
-    m = corpus_metrics(reports, [study.report for study in studies])
+def report_metrics(reports, studies, expert=None, chexbert=None):
+    """Every metric of METRICS for generated reports against the studies' references (with an expert, the mean
+    cosine similarity between each X-ray and its generated report; with CheXbert, its clinical F1s too)."""
+    m = corpus_metrics(reports, [study.report for study in studies], chexbert=chexbert)
     per = m.pop("per_sample")
     m["clinical"] = float(np.mean(per["clinical"]))
     m["hallucination"], m["omission"], m["normal_share"] = finding_rates(per["labels_hyp"], per["labels_ref"])
@@ -95,10 +97,27 @@ def report_metrics(reports, studies, expert=None):
     return m
 
 
-def evaluate(policy, tokenizer, studies, expert=None, prompt=DEFAULT_PROMPT, batch_size=32, max_new_tokens=128):
+def evaluate(policy, tokenizer, studies, expert=None, prompt=DEFAULT_PROMPT, batch_size=32, max_new_tokens=128,
+             chexbert=None):
     """Greedy reports for `studies` and their metrics: (metrics dict, reports)."""
     reports = greedy_reports(policy, tokenizer, studies, prompt, batch_size, max_new_tokens)
-    return report_metrics(reports, studies, expert), reports
+    return report_metrics(reports, studies, expert, chexbert), reports
+
+
+def evaluate_sharded(name, policy, tokenizer, studies, prompt, max_new_tokens, expert=None, chexbert=None,
+                     wrapped=None, fsdp=False):
+    """train.py's held-out evaluation: greedy reports with each rank a shard of `studies` (FSDP: the weights of
+    `wrapped` gathered once), the metrics and their table on rank 0 (None on the other ranks)."""
+    rank, world = dist.rank_and_world()
+    with dist.gathered(wrapped, fsdp):
+        mine = greedy_reports(policy, tokenizer, studies[rank::world], prompt, max_new_tokens=max_new_tokens)
+    shards = dist.gather_objects(mine)
+    if rank != 0:
+        return None
+    reports = [shards[i % world][i // world] for i in range(len(studies))]  # back in the studies' order
+    metrics = report_metrics(reports, studies, expert, chexbert)
+    print(f"{name} ({len(studies)} studies):\n{table({name: metrics})}", flush=True)
+    return metrics
 
 
 def table(rows, first="run"):

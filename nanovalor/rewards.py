@@ -2,9 +2,11 @@
 
 The metrics themselves live elsewhere: nlg.py (clean_report, BLEU-1..4, ROUGE-L, METEOR, CIDEr-D, numerically
 pycocoevalcap's), chexpert.py (the CheXpert-14 rule labeler, clinical F1, the clinical reward) and bert.py
-(CheXbert). This file mixes them: R_text = sum_k w_k * m_k over the components named in the weights, every component returned.
+(CheXbert). This file mixes them: R_text = sum_k w_k * m_k over the components named in the weights, every
+component returned.
 
-    from nanovalor.rewards import parse_weights, text_reward, CiderD
+    from nanovalor.nlg import CiderD
+    from nanovalor.rewards import parse_weights, text_reward
     cider = CiderD(train_reports)                       # document frequencies, once
     rewards, parts = text_reward(samples, refs, parse_weights("bleu4=0.25,rougeL=0.25,clinical=0.5"), cider)
 """

@@ -55,8 +55,8 @@ def cycles(modules):
 
 def test_imports_form_a_tree_without_private_names():
     modules = {p.stem: imports(p) for p in (ROOT / "nanovalor").glob("*.py") if p.stem != "__init__"}
-    private = [f"{user} imports {name} from {module}" for user, deps in modules.items() for module, names in deps.items()
-               for name in names if name.startswith("_") and module != user]
+    private = [f"{user} imports {name} from {module}" for user, deps in modules.items()
+               for module, names in deps.items() for name in names if name.startswith("_") and module != user]
     private += [f"{p.name} imports {name} from {module}" for p in SCRIPTS for module, names in imports(p).items()
                 for name in names if name.startswith("_")]
     assert not private, "private names imported across modules:\n" + "\n".join(private)
