@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from nanovalor.checkpoint import atomic_folder
 from nanovalor.decoder import BIASES, Decoder, DecoderConfig, attention_mask_4d, decoder_config_from_hf, rope_cos_sin
 from nanovalor.vit import VisionConfig, VisionTower, vision_config_from_hf
-from nanovalor.weights import load_checked, read_checkpoint, read_json, resolve
+from nanovalor.weights import TOKENIZER_FILES, load_checked, read_checkpoint, read_json, resolve, token_ids
 
 
 # -----------------------------------------------------------------------------
@@ -196,10 +196,6 @@ def config_from_original(d, vision_d, where):
                        eos_token_id=token_ids(d.get("eos_token_id")))
 
 
-def token_ids(x):  # eos_token_id may be an int, a list or absent
-    return [] if x is None else [x] if isinstance(x, int) else list(x)
-
-
 def config_to_hf(cfg: LlavaConfig):
     """transformers' llava config.json for `cfg` (what save() writes)."""
     t, v = cfg.text, cfg.vision
@@ -305,10 +301,6 @@ def load(path_or_repo_id, dtype=None, device=None):
         if d.get("image_aspect_ratio") == "pad":  # original LLaVA pads to a square with the mean colour
             model.preprocessor_config["do_pad"] = True
     return model.eval()
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "processor_config.json")
 
 
 def save(model, folder):
