@@ -118,8 +118,10 @@ def main(cfg):
     trained = checked(training_config, model.source)  # {} for a checkpoint not written by train.py
     prompt, cap = generation_settings(trained, cfg.prompt, cfg.max_new_tokens)
     processing = checked(read_preprocessor_config, model.preprocessor_config or {})
-    pixels = preprocess(images, processing).to(device)  # (n, 3, S, S)
-    ids, mask = encode_prompts(tok, model.cfg, [prompt] * len(images))  # (n, T0): one prompt, so no padding
+    if cfg.heatmap and not isinstance(model, policies.Llava):
+        raise SystemExit("error: --heatmap reads a fixed patch grid: LLaVA-family policies only, not Qwen2.5-VL")
+    pixels = preprocess(images, processing).to(device)  # (n, 3, S, S), or PackedImages (Qwen2.5-VL)
+    ids, mask = encode_prompts(tok, model.cfg, [prompt] * len(images), pixels)  # (n, T0): LLaVA: no padding
     ids, mask = ids.to(device), mask.to(device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     out = sample(model, ids, mask, pixels, max_new_tokens=cap,

@@ -241,7 +241,7 @@ def main(cfg):
                 full_state_dict=True, cpu_offload=True))
             if rank == 0:
                 with torch.device("meta"):
-                    target = policies.Llava(model.cfg)
+                    target = type(model)(model.cfg)
                 target.load_state_dict({k.removeprefix("policy."): v for k, v in sd.items()}, assign=True)
                 target.source, target.preprocessor_config = model.source, model.preprocessor_config
         if rank == 0:
@@ -289,7 +289,7 @@ def main(cfg):
             ids, mask = model.tokenize(batch["reports"])
             stats, finite = contrastive_step(wrapped, pixels, ids.to(device), mask.to(device), micro)
         else:
-            prompt_ids, prompt_mask = (t.to(device) for t in encode_prompts(tok, model.cfg, batch["prompts"]))
+            prompt_ids, prompt_mask = (t.to(device) for t in encode_prompts(tok, model.cfg, batch["prompts"], pixels))
             if grpo_stage:
                 stats, finite = grpo_step(cfg, model, wrapped, reference, expert, tok, batch, pixels,
                                           prompt_ids, prompt_mask, weights, cider, step, rank, world, device, micro,

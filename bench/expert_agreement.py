@@ -40,8 +40,9 @@ policy, expert = policies.load(args.model), experts.load(args.expert)
 tok = load_tokenizer(policy.source)
 studies = read_dataset(args.data, "test")[:args.n]
 prompt, cap = generation_settings(training_config(policy.source), args.prompt, args.max_new_tokens)
-ids, mask = encode_prompts(tok, policy.cfg, [prompt] * len(studies))
-out = sample(policy, ids, mask, images_of(policy, studies), group_size=args.G, max_new_tokens=cap,
+images = images_of(policy, studies)
+ids, mask = encode_prompts(tok, policy.cfg, [prompt] * len(studies), images)
+out = sample(policy, ids, mask, images, group_size=args.G, max_new_tokens=cap,
              generator=torch.Generator().manual_seed(args.seed))
 texts = decode_completions(tok, out)  # (n*G,)
 refs = [s.report for s in studies for _ in range(args.G)]

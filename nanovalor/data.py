@@ -11,7 +11,8 @@ Readers (both return a list of Study, and check every study before training star
 
 Images: load_image(path) -> RGB PIL image; preprocess(images, ImageProcessing) -> (B, 3, S, S) float32, matching
 transformers' PIL image processors (CLIP, SigLIP) bit for bit; read_preprocessor_config reads their
-preprocessor_config.json.
+preprocessor_config.json. Qwen2-VL's processor (QwenImageProcessing, which Qwen2.5-VL uses) keeps each image at its
+own size: preprocess then returns PackedImages (rows of patches and each image's grid), also bit for bit.
 
 Batching: Batches(studies, batch_size, seed, rank, world_size) is a plain iterator (no torch DataLoader, no worker
 processes: chest X-rays are decoded in the training process, a few ms per batch at the sizes we train), with a
@@ -20,6 +21,7 @@ prompts, reference reports and labels.
 """
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -278,10 +280,11 @@ class ImageProcessing:
             raise ValueError("ImageProcessing.mean and .std need 3 values (R, G, B)")
 
 
-def read_preprocessor_config(source, pad=None) -> ImageProcessing:
+def read_preprocessor_config(source, pad=None):
     """ImageProcessing from a Hugging Face preprocessor_config.json (a path, its folder, or the dict), as
-    CLIPImageProcessor and SiglipImageProcessor read it. pad=True: LLaVA's image_aspect_ratio="pad"; by default
-    the config's own "do_pad" (policy.load writes it for LLaVA checkpoints that pad)."""
+    CLIPImageProcessor and SiglipImageProcessor read it (QwenImageProcessing for Qwen2VLImageProcessor's). pad=True:
+    LLaVA's image_aspect_ratio="pad"; by default the config's own "do_pad" (policy.load writes it for LLaVA
+    checkpoints that pad)."""
     where = "preprocessor config"
     if not isinstance(source, dict):
         path = Path(source)
@@ -295,6 +298,8 @@ def read_preprocessor_config(source, pad=None) -> ImageProcessing:
     kind = str(cfg.get("image_processor_type", ""))
     if cfg.get("do_rescale", True) is False or abs(cfg.get("rescale_factor", 1 / 255) - 1 / 255) > 1e-12:
         raise DataError(f"{where}: only rescaling by 1/255 is supported (do_rescale, rescale_factor)")
+    if kind.startswith("Qwen2VLImageProcessor") or "temporal_patch_size" in cfg:
+        return qwen_image_processing(cfg, where)
     crop = cfg.get("crop_size")
     do_crop = bool(cfg.get("do_center_crop", crop is not None)) and crop is not None
     size = cfg.get("size", crop if crop is not None else 224)
@@ -326,13 +331,20 @@ def read_preprocessor_config(source, pad=None) -> ImageProcessing:
                            resize_to=resize_to if resize_to != side else None)
 
 
-def preprocess(images: list[Image.Image], proc: ImageProcessing) -> torch.Tensor:
-    """PIL images -> (B, 3, S, S) float32, normalised. Resampling is PIL's on 8-bit pixels, then x/255 in float64,
-    then (x - mean) / std in float32: the order of transformers' PIL processors, so the values are identical."""
+def preprocess(images: list[Image.Image], proc):
+    """PIL images -> (B, 3, S, S) float32, normalised (proc: ImageProcessing), or PackedImages (proc:
+    QwenImageProcessing). Resampling is PIL's on 8-bit pixels, then x/255 in float64, then (x - mean) / std in
+    float32: the order of transformers' PIL processors, so the values are identical."""
+    if isinstance(proc, QwenImageProcessing):
+        return qwen_patches(images, proc)
     pixels = np.stack([np.asarray(_fit(to_rgb(image), proc)) for image in images])  # (B, S, S, 3) uint8
+    return torch.from_numpy(np.ascontiguousarray(normalise(pixels, proc).transpose(0, 3, 1, 2)))  # (B, 3, S, S)
+
+
+def normalise(pixels, proc):
+    """8-bit pixels (..., 3) -> float32 (x / 255 - mean) / std, in transformers' order of operations."""
     x = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
-    x = (x - np.asarray(proc.mean, np.float32)) / np.asarray(proc.std, np.float32)
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))  # (B, 3, S, S)
+    return (x - np.asarray(proc.mean, np.float32)) / np.asarray(proc.std, np.float32)
 
 
 def _fit(image: Image.Image, proc: ImageProcessing) -> Image.Image:
@@ -354,6 +366,104 @@ def _fit(image: Image.Image, proc: ImageProcessing) -> Image.Image:
     image = image.resize((new_w, new_h), resample=proc.resample)
     top, left = (new_h - proc.size) // 2, (new_w - proc.size) // 2
     return image.crop((left, top, left + proc.size, top + proc.size))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Qwen2-VL's images (Qwen2.5-VL uses the same processor): each image at its own size, cut into rows of patches
+
+@dataclass
+class QwenImageProcessing:
+    """Qwen2VLImageProcessor's settings (its preprocessor_config.json). An image is resized (PIL, `resample`) so
+    that each side is a multiple of patch_size * merge_size (28 px) near its own, keeping the aspect ratio and the
+    area within [min_pixels, max_pixels] (smart_resize), normalised, and cut into patch_size-px patches, each
+    repeated temporal_patch_size times (a still image is a video of one frame pair)."""
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    mean: tuple = OPENAI_CLIP_MEAN
+    std: tuple = OPENAI_CLIP_STD
+    resample: int = Image.Resampling.BICUBIC
+
+
+def qwen_image_processing(cfg, where) -> QwenImageProcessing:
+    """QwenImageProcessing from Qwen2VLImageProcessor's preprocessor_config.json dict (min_pixels / max_pixels, or
+    transformers 5's size {shortest_edge, longest_edge}, which are pixel counts too)."""
+    size, d = cfg.get("size") or {}, QwenImageProcessing()
+    lo = cfg.get("min_pixels", size.get("shortest_edge", d.min_pixels))
+    hi = cfg.get("max_pixels", size.get("longest_edge", d.max_pixels))
+    if not 0 < lo <= hi:
+        raise DataError(f"{where}: min_pixels {lo}, max_pixels {hi}: expected 0 < min_pixels <= max_pixels")
+    mean, std = tuple(cfg.get("image_mean", d.mean)), tuple(cfg.get("image_std", d.std))
+    if cfg.get("do_normalize", True) is False:
+        mean, std = (0.0,) * 3, (1.0,) * 3
+    return QwenImageProcessing(lo, hi, cfg.get("patch_size", 14), cfg.get("temporal_patch_size", 2),
+                               cfg.get("merge_size", 2), mean, std, int(cfg.get("resample", d.resample)))
+
+
+def smart_resize(height, width, factor=28, min_pixels=56 * 56, max_pixels=28 * 28 * 1280):
+    """(height, width) -> the size Qwen2-VL resizes to: both sides multiples of `factor`, the aspect ratio kept
+    as closely as possible, the area within [min_pixels, max_pixels] (Qwen2-VL, arXiv 2409.12191: "naive dynamic
+    resolution"; transformers' smart_resize, Python's round included)."""
+    if max(height, width) / min(height, width) > 200:
+        raise DataError(f"an image of {width} x {height} px: Qwen2-VL takes aspect ratios up to 200")
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h, w = (max(factor, math.floor(side / beta / factor) * factor) for side in (height, width))
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = (math.ceil(side * beta / factor) * factor for side in (height, width))
+    return h, w
+
+
+@dataclass
+class PackedImages:
+    """Images of different sizes as one batch, as Qwen2-VL's vision tower takes them: `data` (N, d) holds the rows
+    of image 0, then those of image 1, ...; `grid` (n, 3) long gives each image's (t, h, w) in patches, and an
+    image has t * h * w // per_row rows (per_row 1: patches; merge_size ** 2: merged tokens). Where the trainer
+    treats pixels as a tensor of n images it acts as one: len(), [index] (a slice, list or LongTensor of images:
+    another PackedImages), .to(device or dtype; the grid only moves)."""
+    data: torch.Tensor
+    grid: torch.Tensor
+    per_row: int = 1
+
+    def rows(self):  # (n,) rows of each image
+        return self.grid.prod(1) // self.per_row
+
+    def __len__(self):
+        return len(self.grid)
+
+    def __getitem__(self, index):
+        chosen = torch.arange(len(self.grid), device=self.grid.device)[index].reshape(-1)  # (m,) image numbers
+        rows = self.rows()
+        starts = (rows.cumsum(0) - rows)[chosen].tolist()
+        take = [torch.arange(s, s + n) for s, n in zip(starts, rows[chosen].tolist())]
+        take = torch.cat(take) if take else torch.zeros(0, dtype=torch.long)
+        return PackedImages(self.data[take.to(self.data.device)], self.grid[chosen], self.per_row)
+
+    def to(self, *args, **kwargs):
+        data = self.data.to(*args, **kwargs)
+        return PackedImages(data, self.grid.to(data.device), self.per_row)
+
+
+def qwen_patches(images: list[Image.Image], proc: QwenImageProcessing) -> PackedImages:
+    """PIL images -> PackedImages of (t * h * w, 3 * T * p * p) float32 rows each, t = 1: Qwen2VLImageProcessor's
+    pixel_values and image_grid_thw. Rows go merge block by merge block (the m x m patches that the merger joins
+    into one token are consecutive), row-major over the blocks; each row is (channel, frame, y, x) flattened."""
+    p, m, T = proc.patch_size, proc.merge_size, proc.temporal_patch_size
+    rows, grids = [], []
+    for image in images:
+        image = to_rgb(image)
+        h, w = smart_resize(image.height, image.width, p * m, proc.min_pixels, proc.max_pixels)
+        x = normalise(np.asarray(image.resize((w, h), resample=proc.resample)), proc)  # (h, w, 3) float32
+        x = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))  # (3, h, w)
+        x = x.reshape(3, h // (p * m), m, p, w // (p * m), m, p).permute(1, 4, 2, 5, 0, 3, 6)  # (H, W, m, m, 3, p, p)
+        x = x[:, :, :, :, :, None].expand(*x.shape[:5], T, p, p)  # the frame repeated T times
+        rows.append(x.reshape(-1, 3 * T * p * p))
+        grids.append([1, h // p, w // p])
+    return PackedImages(torch.cat(rows), torch.tensor(grids, dtype=torch.long))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -427,16 +537,17 @@ class Batches:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
 
-def collate(studies: list[Study], proc: ImageProcessing, prompt=DEFAULT_PROMPT) -> dict:
-    """A batch for the trainer. pixels: (N, 3, S, S) with N = sum(views), the views of each study in turn; prompt is
-    the user's instruction without chat format or image placeholder (policy.py adds those); labels: a list of
-    14-tuples, or None when any study has none; first_views: each study's first X-ray, decoded (the visual stage's
-    expert scores it with its own preprocessing, without reading the file again)."""
+def collate(studies: list[Study], proc, prompt=DEFAULT_PROMPT) -> dict:
+    """A batch for the trainer. pixels: (N, 3, S, S) with N = sum(views), the views of each study in turn (Qwen2.5-VL:
+    PackedImages of the N views); prompt is the user's instruction without chat format or image placeholder
+    (generate.py adds those); labels: a list of 14-tuples, or None when any study has none; first_views: each study's
+    first X-ray, decoded (the visual stage's expert scores it with its own preprocessing, without reading the file
+    again)."""
     views = [[load_image(path) for path in study.images] for study in studies]
     labels = [study.labels for study in studies]
     return {
         "ids": [study.id for study in studies],
-        "pixels": preprocess([image for images in views for image in images], proc),  # (N, 3, S, S)
+        "pixels": preprocess([image for images in views for image in images], proc),  # (N, 3, S, S) or packed
         "first_views": [images[0] for images in views],  # B PIL images
         "views": [len(study.images) for study in studies],
         "prompts": [prompt] * len(studies),

@@ -47,7 +47,7 @@ def generation_settings(trained, prompt="", max_new_tokens=0):
 
 
 def images_of(policy, studies):
-    """The policy's pixels (n, 3, S, S) for the first view of each study."""
+    """The policy's pixels (n, 3, S, S), or data.PackedImages (Qwen2.5-VL), for the first view of each study."""
     processing = read_preprocessor_config(policy.preprocessor_config or {})
     return preprocess([load_image(study.images[0]) for study in studies], processing)
 
@@ -60,9 +60,10 @@ def greedy_reports(policy, tokenizer, studies, prompt=DEFAULT_PROMPT, batch_size
     device = policy.lm_head.weight.device
     for i in range(0, len(studies), batch_size):
         chunk = studies[i:i + batch_size]
-        ids, mask = encode_prompts(tokenizer, policy.cfg, [prompt] * len(chunk))
-        out = sample(policy, ids.to(device), mask.to(device), images_of(policy, chunk).to(device),
-                     max_new_tokens=max_new_tokens, temperature=0.0)
+        images = images_of(policy, chunk)
+        ids, mask = encode_prompts(tokenizer, policy.cfg, [prompt] * len(chunk), images)
+        out = sample(policy, ids.to(device), mask.to(device), images.to(device), max_new_tokens=max_new_tokens,
+                     temperature=0.0)
         reports += decode_completions(tokenizer, out)
     policy.train(was_training)
     return reports

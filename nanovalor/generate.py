@@ -62,7 +62,15 @@ def short_prompt(question):
     return vicuna_prompt(question, system="")
 
 
-CHAT_FORMATS = {"vicuna": vicuna_prompt, "mistral": mistral_prompt, "chatml": chatml_prompt, "short": short_prompt}
+def qwen2_vl_prompt(question, system="You are a helpful assistant."):
+    """Qwen2-VL / Qwen2.5-VL's chat template: ChatML with the image between <|vision_start|> and <|vision_end|>,
+    the question right after it."""
+    return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n<|vision_start|>{IMAGE}<|vision_end|>"
+            f"{question}<|im_end|>\n<|im_start|>assistant\n")
+
+
+CHAT_FORMATS = {"vicuna": vicuna_prompt, "mistral": mistral_prompt, "chatml": chatml_prompt, "short": short_prompt,
+                "qwen2_vl": qwen2_vl_prompt}
 FAMILY_FORMATS = {"llama": "vicuna", "mistral": "mistral", "qwen2": "chatml"}  # "auto": by decoder type
 
 
@@ -83,26 +91,37 @@ def load_tokenizer(path_or_repo_id):
     return read_tokenizer(path)
 
 
-def encode_prompt(tokenizer, prompt, cfg):
-    """Token ids of `prompt` with each "<image>" replaced by cfg.image_token_id (cfg: policy.LlavaConfig) repeated
-    cfg.num_image_tokens times. A tokenizer that knows "<image>" as that id (llava-hf) encodes the whole text;
-    otherwise (original LLaVA) each piece between images is encoded on its own, special tokens on the first only,
-    as LLaVA's tokenizer_image_token does."""
-    image, P = cfg.image_token_id, cfg.num_image_tokens
+def encode_prompt(tokenizer, prompt, cfg, image_tokens=None):
+    """Token ids of `prompt` with each "<image>" replaced by cfg.image_token_id (cfg: policy.LlavaConfig or
+    qwen_vl.QwenVLConfig) repeated as many times as that image has tokens: image_tokens[k] for the k-th "<image>"
+    (Qwen2.5-VL: each image's own count, cfg.image_tokens(images)), by default cfg.num_image_tokens (LLaVA: fixed).
+    A tokenizer that knows "<image>" as that id (llava-hf) encodes the whole text; otherwise (original LLaVA,
+    Qwen2.5-VL) each piece between images is encoded on its own, special tokens on the first only, as LLaVA's
+    tokenizer_image_token does."""
+    image = cfg.image_token_id
+    if image_tokens is None:  # every image the same (a Qwen2.5-VL config refuses: its counts vary)
+        image_tokens = [cfg.num_image_tokens] * prompt.count(IMAGE) if IMAGE in prompt else []
+    counts = iter(image_tokens)
     if tokenizer.token_to_id(IMAGE) == image:
-        return [t for i in tokenizer.encode(prompt).ids for t in ([i] * P if i == image else [i])]
+        return [t for i in tokenizer.encode(prompt).ids for t in ([i] * next(counts) if i == image else [i])]
     pieces = prompt.split(IMAGE)
     ids = tokenizer.encode(pieces[0]).ids
     for piece in pieces[1:]:
-        ids += [image] * P + (tokenizer.encode(piece, add_special_tokens=False).ids if piece else [])
+        ids += [image] * next(counts) + (tokenizer.encode(piece, add_special_tokens=False).ids if piece else [])
     return ids
 
 
 def repeat_for_group(images, input_ids, cfg, group_size):
-    """Image rows (n_images, ...) in the order of the prompts' image tokens -> the same for every prompt repeated
-    group_size times (input_ids.repeat_interleave(group_size, 0)); prompts may hold several images (views)."""
-    per_prompt = ((input_ids == cfg.image_token_id).sum(1) // cfg.num_image_tokens).tolist()
-    return torch.cat([block for block in images.split(per_prompt) for _ in range(group_size)])
+    """Images (a tensor (n_images, ...) or data.PackedImages) in the order of the prompts' image tokens -> the same
+    for every prompt repeated group_size times (input_ids.repeat_interleave(group_size, 0)); prompts may hold
+    several images (views), and images may differ in token count (cfg.image_tokens)."""
+    sizes, index, i = cfg.image_tokens(images), [], 0
+    for n in (input_ids == cfg.image_token_id).sum(1).tolist():  # a prompt's image tokens belong to its next images
+        start = i
+        while n > 0:
+            n, i = n - sizes[i], i + 1
+        index += list(range(start, i)) * group_size
+    return images[torch.tensor(index, dtype=torch.long)]
 
 
 def left_pad(prompts, pad_token_id=0):
@@ -114,9 +133,14 @@ def left_pad(prompts, pad_token_id=0):
     return ids, mask
 
 
-def encode_prompts(tokenizer, cfg, questions):
-    """Questions -> the model's chat prompts as left-padded ids (B, T) and attention mask (B, T)."""
-    return left_pad([encode_prompt(tokenizer, chat_prompt(cfg, q), cfg) for q in questions])
+def encode_prompts(tokenizer, cfg, questions, images=None):
+    """Questions -> the model's chat prompts as left-padded ids (B, T) and attention mask (B, T). images: the
+    questions' images, one each (data.preprocess's output); Qwen2.5-VL needs them (an image's token count follows
+    its size), LLaVA's counts are fixed."""
+    if images is not None and len(images) != len(questions):
+        raise ValueError(f"{len(questions)} questions and {len(images)} images: the chat prompt holds one image")
+    counts = [None] * len(questions) if images is None else [[n] for n in cfg.image_tokens(images)]
+    return left_pad([encode_prompt(tokenizer, chat_prompt(cfg, q), cfg, n) for q, n in zip(questions, counts)])
 
 
 def decode_completions(tokenizer, samples):
@@ -148,6 +172,7 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.length = 0
+        self.rope_deltas = None  # (batch,): Qwen2.5-VL's M-RoPE offsets, set by its prefill (qwen_vl.py)
 
     def attend(self, layer, q, k, v, mask):  # q (B, H, t, hd); k, v (B, H_kv, t, hd) -> (B, H, t, hd)
         end = self.length + k.shape[2]
@@ -171,6 +196,8 @@ class GroupKVCache:
         self.k = [k.new_zeros(B * G, H, capacity, hd) for k in prefix.k]  # (B*G, H_kv, capacity, hd) each
         self.v = [v.new_zeros(B * G, H, capacity, hd) for v in prefix.v]
         self.prompt_length = self.length = prefix.length
+        deltas = prefix.rope_deltas  # Qwen2.5-VL: one per row, each prompt's for its G rows
+        self.rope_deltas = None if deltas is None else deltas.repeat_interleave(G)
 
     def attend(self, layer, q, k, v, mask):  # q (B*G, H, 1, hd); k, v (B*G, H_kv, 1, hd); mask (B*G, 1, 1, T+s+1)
         s = self.length - self.prompt_length
@@ -214,6 +241,7 @@ class SharedPrefix:
 
     def __init__(self):
         self.k, self.v, self.length = {}, {}, 0
+        self.rope_deltas = None  # Qwen2.5-VL: one per prompt, set by the prompt pass (qwen_vl.py)
 
     def attend(self, layer, q, k, v, mask):
         if layer not in self.k:  # the prompts: (B, H, Tp, hd) queries, (B, H_kv, Tp, hd) keys and values
@@ -299,9 +327,10 @@ def sample(model, input_ids, attention_mask=None, pixel_values=None, image_embed
            max_new_tokens=128, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=0,
            generator=None):
     """Sample group_size completions for each of B left-padded prompts (B, T). Images: pixel_values
-    (n_images, 3, S, S) or image_embeds (n_images, P, D), in the order of the image tokens (one per prompt, several,
-    or none). eos_token_id defaults to the checkpoint's; temperature 0 is greedy. generator: one torch.Generator,
-    or a list of B (one per prompt, see uniform_noise). Returns B * group_size rows."""
+    (n_images, 3, S, S) or image_embeds (n_images, P, D) (Qwen2.5-VL: data.PackedImages of either), in the order of
+    the image tokens (one per prompt, several, or none). eos_token_id defaults to the checkpoint's; temperature 0 is
+    greedy. generator: one torch.Generator, or a list of B (one per prompt, see uniform_noise). Returns B *
+    group_size rows."""
     attention_mask, eos, banned = _prepare(model, input_ids, attention_mask, eos_token_id, max_new_tokens)
     if pixel_values is not None:
         image_embeds = model.encode_images(pixel_values)  # (n_images, P, D): each image through the ViT once

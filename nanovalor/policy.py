@@ -7,7 +7,8 @@
 Here: the projector, the LLaVA model with the API GRPO needs (encode each image once, hidden states at chosen
 positions, any padding, gradient checkpointing), configs, `load` / `save` (HF llava and original LLaVA / LLaVA-Med
 layouts). The ViT is vit.py, the decoder (Llama / Mistral / Qwen2) decoder.py; the tokenizer, chat formats and
-samplers are generate.py; weight files weights.py.
+samplers are generate.py; weight files weights.py. `load` and `save` also take Qwen2.5-VL (qwen_vl.py, the same
+API), so every script takes either family.
 
 Not implemented (each refused with a clear error): Mistral's sliding-window attention (longer sequences are
 refused; LLaVA-Med's window is 4096 tokens), RoPE scaling, multi-layer vision features, image start/end tokens.
@@ -21,10 +22,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanovalor import qwen_vl
 from nanovalor.checkpoint import atomic_folder
 from nanovalor.decoder import BIASES, Decoder, DecoderConfig, attention_mask_4d, decoder_config_from_hf, rope_cos_sin
 from nanovalor.vit import VisionConfig, VisionTower, vision_config_from_hf
-from nanovalor.weights import load_checked, read_checkpoint, read_json, resolve
+from nanovalor.weights import TOKENIZER_FILES, load_checked, read_checkpoint, read_json, resolve, token_ids
 
 
 # -----------------------------------------------------------------------------
@@ -59,6 +61,9 @@ class LlavaConfig:
     @property
     def num_image_tokens(self):  # placeholder tokens per image in input_ids
         return self.vision.num_patches + (self.vision.class_token and self.feature_select == "full")
+
+    def image_tokens(self, images):  # the placeholder tokens of each image (n, ...): the same for all (qwen_vl's vary)
+        return [self.num_image_tokens] * len(images)
 
 
 class Llava(nn.Module):
@@ -197,10 +202,6 @@ def config_from_original(d, vision_d, where):
                        eos_token_id=token_ids(d.get("eos_token_id")))
 
 
-def token_ids(x):  # eos_token_id may be an int, a list or absent
-    return [] if x is None else [x] if isinstance(x, int) else list(x)
-
-
 def config_to_hf(cfg: LlavaConfig):
     """transformers' llava config.json for `cfg` (what save() writes)."""
     t, v = cfg.text, cfg.vision
@@ -267,11 +268,14 @@ def load(path_or_repo_id, dtype=None, device=None):
     """The Llava model of a local folder or hub id, in eval mode. Layouts: transformers' LlavaForConditionalGeneration
     (every key layout it has written) and the original LLaVA / LLaVA-Med (vision tower from the repo named by
     mm_vision_tower unless the checkpoint holds it). dtype defaults to bfloat16 on CUDA and float32 elsewhere.
-    Any missing, unexpected or mis-shaped tensor is one error that lists them all."""
+    Any missing, unexpected or mis-shaped tensor is one error that lists them all. A Qwen2.5-VL checkpoint
+    (model_type qwen2_5_vl) gives qwen_vl.load's QwenVL."""
     folder = resolve(path_or_repo_id)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder}: no config.json, not a model folder")
     d, where = read_json(folder / "config.json"), str(folder / "config.json")
+    if d.get("model_type") == "qwen2_5_vl":
+        return qwen_vl.load(folder, dtype, device)
     vision_folder = None
     if "mm_vision_tower" in d:
         vision_folder = resolve(d["mm_vision_tower"])
@@ -287,7 +291,8 @@ def load(path_or_repo_id, dtype=None, device=None):
         tensors, unexpected = read_checkpoint(folder, HF_LLAVA_KEYS, skip=UNUSED)
     else:
         raise ValueError(f"{where}: model_type {d.get('model_type')!r} is not a LLaVA model: expected 'llava' "
-                         f"(HF layout) or one of {sorted(ORIGINAL_TYPES)} with mm_vision_tower (original layout)")
+                         f"(HF layout) or one of {sorted(ORIGINAL_TYPES)} with mm_vision_tower (original layout); or "
+                         f"'qwen2_5_vl' (Qwen2.5-VL)")
     if (folder / "generation_config.json").exists():
         generation = read_json(folder / "generation_config.json")
         cfg.eos_token_id = token_ids(generation.get("eos_token_id")) or cfg.eos_token_id
@@ -308,14 +313,12 @@ def load(path_or_repo_id, dtype=None, device=None):
     return model.eval()
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "processor_config.json")
-
-
 def save(model, folder):
     """Write `model` in the llava-hf layout (config.json, generation_config.json, model.safetensors, and the
     tokenizer and preprocessor files of the checkpoint it came from), loadable by transformers'
-    LlavaForConditionalGeneration and by load(). Atomic (checkpoint.atomic_folder)."""
+    LlavaForConditionalGeneration and by load(). Atomic (checkpoint.atomic_folder). A QwenVL goes to qwen_vl.save."""
+    if isinstance(model, qwen_vl.QwenVL):
+        return qwen_vl.save(model, folder)
     config = config_to_hf(model.cfg)
     tensors = {}
     for name, t in model.state_dict().items():

@@ -15,6 +15,13 @@ from pathlib import Path
 import torch
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # a checkpoint's weights, the preferred format first
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+                   "processor_config.json")  # what a policy's save() copies from the checkpoint it came from
+
+
+def token_ids(x):  # eos_token_id in a config may be an int, a list or absent
+    return [] if x is None else [x] if isinstance(x, int) else list(x)
 
 
 def read_json(path):
