@@ -182,7 +182,7 @@ def main(cfg):
     test = read_dataset(cfg.data, "test", cfg.image_root or None)[:cfg.eval_n]
     val = read_dataset(cfg.data, "val", cfg.image_root or None)[:cfg.val_n] if cfg.eval_every else []
 
-    # ---- the model, what trains, the reference, the DDP / FSDP wrapper, the optimizer
+    # ---- the model, what trains, the DDP / FSDP wrapper, the weights, the reference, the optimizer
     expert = experts.load(cfg.expert, device) if cfg.expert else None
     if cfg.stage == "expert":
         model = experts.load(cfg.model) if cfg.model else phantoms.tiny_expert(Path(cfg.data).parent)
@@ -190,19 +190,14 @@ def main(cfg):
     else:
         if cfg.stage == "sft" and not cfg.model:  # the phantom world: a fresh tiny policy on the expert's ViT
             model = phantoms.tiny_policy(Path(cfg.data).parent, expert.visual if expert else None)
-        else:
-            model = policies.load(cfg.model, torch.float32)
+        else:  # on the meta device: its weights are read once it is sharded (policies.fill, below)
+            model = policies.build(cfg.model, torch.float32)
         processing = read_preprocessor_config(model.preprocessor_config or {})
         tok = load_tokenizer(model.source)
-    model.to(device).train()
     n_train = set_trainable(model, cfg.train)
     print0(rank, f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M "
                  f"trained ({cfg.train})")
     grpo_stage = cfg.stage in ("text", "visual")
-    reference = grpo.reference_model(model) if grpo_stage and cfg.beta else None  # the stage's starting policy
-    if cfg.resume:  # the weights of out/<stage>/checkpoint; the reference stays the stage's start
-        model.load_state_dict((experts.load if cfg.stage == "expert" else policies.load)(run / "checkpoint")
-                              .state_dict())
     if cfg.stage != "expert":
         model.language_model.gradient_checkpointing = cfg.grad_checkpointing
     wrapped = Contrastive(model) if cfg.stage == "expert" else grpo.CompletionLogprobs(model)
@@ -212,7 +207,16 @@ def main(cfg):
         for block in model.language_model.layers:
             fully_shard(block)
         fully_shard(wrapped)
-    elif world > 1:
+    if next(model.parameters()).is_meta:  # each rank reads the rows it holds (all of them without FSDP)
+        policies.fill(model, cfg.model, device)
+    model.to(device).train()
+    reference = grpo.reference_model(model) if grpo_stage and cfg.beta else None  # the stage's starting policy
+    if cfg.resume:  # what trains, from out/<stage>/checkpoint; the reference stays the stage's start
+        if cfg.stage == "expert":
+            model.load_state_dict(experts.load(run / "checkpoint").state_dict())
+        else:  # frozen weights never change within a stage; each rank reads its own rows
+            policies.fill(model, run / "checkpoint", device, trained_only=True)
+    if world > 1 and not fsdp:
         wrapped = torch.nn.parallel.DistributedDataParallel(wrapped)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -240,10 +244,8 @@ def main(cfg):
             sd, state["optimizer"] = get_state_dict(wrapped, optimizer, options=StateDictOptions(
                 full_state_dict=True, cpu_offload=True))
             if rank == 0:
-                with torch.device("meta"):
-                    target = policies.Llava(model.cfg)
+                target = policies.empty_like(model)
                 target.load_state_dict({k.removeprefix("policy."): v for k, v in sd.items()}, assign=True)
-                target.source, target.preprocessor_config = model.source, model.preprocessor_config
         if rank == 0:
             write = experts.save if cfg.stage == "expert" else policies.save
             checkpoint.save(run / "checkpoint", lambda path: write(target, path), state, asdict(cfg))
