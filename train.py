@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanovalor import checkpoint, dist, grpo, phantoms
+from nanovalor import checkpoint, dist, grpo, lora, phantoms
 from nanovalor import expert as experts
 from nanovalor import policy as policies
 from nanovalor.config import diff, parse
@@ -83,6 +83,9 @@ class Config:
     phantom_val: int = 100
     phantom_test: int = 200
     wandb: str = ""  # a wandb project name: log there too (if wandb is installed)
+    lora_rank: int = 0  # > 0: train the decoder through LoRA adapters of this rank (lora.py); its base is frozen
+    lora_alpha: float = 16.0  # the adapters' scale is lora_alpha / lora_rank
+    lora_targets: str = lora.TARGETS  # the decoder's linear layers that get an adapter
 
 
 STAGES = {  # the defaults where Config says 0 / "": sized for the phantom world on a laptop CPU
@@ -195,6 +198,8 @@ def main(cfg):
         processing = read_preprocessor_config(model.preprocessor_config or {})
         tok = load_tokenizer(model.source)
     n_train = set_trainable(model, cfg.train)
+    if cfg.lora_rank:  # low-rank adapters on the decoder's linear layers, its base frozen (lora.py)
+        n_train = lora.apply(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.seed)
     print0(rank, f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M "
                  f"trained ({cfg.train})")
     grpo_stage = cfg.stage in ("text", "visual")
@@ -244,7 +249,7 @@ def main(cfg):
             sd, state["optimizer"] = get_state_dict(wrapped, optimizer, options=StateDictOptions(
                 full_state_dict=True, cpu_offload=True))
             if rank == 0:
-                target = policies.empty_like(model)
+                target = policies.empty_like(model)  # LoRA adapters included
                 target.load_state_dict({k.removeprefix("policy."): v for k, v in sd.items()}, assign=True)
         if rank == 0:
             write = experts.save if cfg.stage == "expert" else policies.save
