@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanovalor import checkpoint, dist, grpo, lora, phantoms
+from nanovalor import checkpoint, dist, grpo, lora, memory, phantoms
 from nanovalor import expert as experts
 from nanovalor import policy as policies
 from nanovalor.config import diff, parse
@@ -86,6 +86,8 @@ class Config:
     lora_rank: int = 0  # > 0: train the decoder through LoRA adapters of this rank (lora.py); its base is frozen
     lora_alpha: float = 16.0  # the adapters' scale is lora_alpha / lora_rank
     lora_targets: str = lora.TARGETS  # the decoder's linear layers that get an adapter
+    dry_run: int = 0  # > 0: print the per-GPU memory plan of this run on that many GPUs (memory.py), then exit
+    gpu_memory_gb: float = 80.0  # the dry run's GPU memory (GiB)
 
 
 STAGES = {  # the defaults where Config says 0 / "": sized for the phantom world on a laptop CPU
@@ -170,6 +172,9 @@ def generators(cfg, step, rank, world, n, device):
 
 
 def main(cfg):
+    if cfg.dry_run:  # from config.json alone: no weights read, nothing trained
+        print(memory.dry_run(cfg, STAGES, set_trainable))
+        return None
     rank, world, device = dist.init()
     cfg = prepare(cfg, rank)
     run = Path(cfg.out) / cfg.stage
