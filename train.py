@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanovalor import checkpoint, dist, grpo, phantoms
+from nanovalor import checkpoint, dist, grpo, lora, memory, phantoms
 from nanovalor import expert as experts
 from nanovalor import policy as policies
 from nanovalor.config import diff, parse
@@ -83,6 +83,11 @@ class Config:
     phantom_val: int = 100
     phantom_test: int = 200
     wandb: str = ""  # a wandb project name: log there too (if wandb is installed)
+    lora_rank: int = 0  # > 0: train the decoder through LoRA adapters of this rank (lora.py); its base is frozen
+    lora_alpha: float = 16.0  # the adapters' scale is lora_alpha / lora_rank
+    lora_targets: str = lora.TARGETS  # the decoder's linear layers that get an adapter
+    dry_run: int = 0  # > 0: print the per-GPU memory plan of this run on that many GPUs (memory.py), then exit
+    gpu_memory_gb: float = 80.0  # the dry run's GPU memory (GiB)
 
 
 STAGES = {  # the defaults where Config says 0 / "": sized for the phantom world on a laptop CPU
@@ -167,6 +172,9 @@ def generators(cfg, step, rank, world, n, device):
 
 
 def main(cfg):
+    if cfg.dry_run:  # from config.json alone: no weights read, nothing trained
+        print(memory.dry_run(cfg, STAGES, set_trainable))
+        return None
     rank, world, device = dist.init()
     cfg = prepare(cfg, rank)
     run = Path(cfg.out) / cfg.stage
@@ -182,7 +190,7 @@ def main(cfg):
     test = read_dataset(cfg.data, "test", cfg.image_root or None)[:cfg.eval_n]
     val = read_dataset(cfg.data, "val", cfg.image_root or None)[:cfg.val_n] if cfg.eval_every else []
 
-    # ---- the model, what trains, the reference, the DDP / FSDP wrapper, the optimizer
+    # ---- the model, what trains, the DDP / FSDP wrapper, the weights, the reference, the optimizer
     expert = experts.load(cfg.expert, device) if cfg.expert else None
     if cfg.stage == "expert":
         model = experts.load(cfg.model) if cfg.model else phantoms.tiny_expert(Path(cfg.data).parent)
@@ -190,19 +198,16 @@ def main(cfg):
     else:
         if cfg.stage == "sft" and not cfg.model:  # the phantom world: a fresh tiny policy on the expert's ViT
             model = phantoms.tiny_policy(Path(cfg.data).parent, expert.visual if expert else None)
-        else:
-            model = policies.load(cfg.model, torch.float32)
+        else:  # on the meta device: its weights are read once it is sharded (policies.fill, below)
+            model = policies.build(cfg.model, torch.float32)
         processing = read_preprocessor_config(model.preprocessor_config or {})
         tok = load_tokenizer(model.source)
-    model.to(device).train()
     n_train = set_trainable(model, cfg.train)
+    if cfg.lora_rank:  # low-rank adapters on the decoder's linear layers, its base frozen (lora.py)
+        n_train = lora.apply(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.seed)
     print0(rank, f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M "
                  f"trained ({cfg.train})")
     grpo_stage = cfg.stage in ("text", "visual")
-    reference = grpo.reference_model(model) if grpo_stage and cfg.beta else None  # the stage's starting policy
-    if cfg.resume:  # the weights of out/<stage>/checkpoint; the reference stays the stage's start
-        model.load_state_dict((experts.load if cfg.stage == "expert" else policies.load)(run / "checkpoint")
-                              .state_dict())
     if cfg.stage != "expert":
         model.language_model.gradient_checkpointing = cfg.grad_checkpointing
     wrapped = Contrastive(model) if cfg.stage == "expert" else grpo.CompletionLogprobs(model)
@@ -212,7 +217,16 @@ def main(cfg):
         for block in model.language_model.layers:
             fully_shard(block)
         fully_shard(wrapped)
-    elif world > 1:
+    if next(model.parameters()).is_meta:  # each rank reads the rows it holds (all of them without FSDP)
+        policies.fill(model, cfg.model, device)
+    model.to(device).train()
+    reference = grpo.reference_model(model) if grpo_stage and cfg.beta else None  # the stage's starting policy
+    if cfg.resume:  # what trains, from out/<stage>/checkpoint; the reference stays the stage's start
+        if cfg.stage == "expert":
+            model.load_state_dict(experts.load(run / "checkpoint").state_dict())
+        else:  # frozen weights never change within a stage; each rank reads its own rows
+            policies.fill(model, run / "checkpoint", device, trained_only=True)
+    if world > 1 and not fsdp:
         wrapped = torch.nn.parallel.DistributedDataParallel(wrapped)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -240,10 +254,8 @@ def main(cfg):
             sd, state["optimizer"] = get_state_dict(wrapped, optimizer, options=StateDictOptions(
                 full_state_dict=True, cpu_offload=True))
             if rank == 0:
-                with torch.device("meta"):
-                    target = type(model)(model.cfg)
+                target = policies.empty_like(model)  # LoRA adapters included
                 target.load_state_dict({k.removeprefix("policy."): v for k, v in sd.items()}, assign=True)
-                target.source, target.preprocessor_config = model.source, model.preprocessor_config
         if rank == 0:
             write = experts.save if cfg.stage == "expert" else policies.save
             checkpoint.save(run / "checkpoint", lambda path: write(target, path), state, asdict(cfg))

@@ -17,14 +17,16 @@ Choices that are ours, where the VALOR paper (arXiv 2512.16201; only its abstrac
   for the visual stage, ranks mapped to [-1, 1] (the abstract says "rank-normalized"; the mapping is ours),
   optionally plus lambda times the text advantage (lambda = 0 by default).
 """
-import copy
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 
+from nanovalor import lora
 from nanovalor.dist import all_sum, autocast, micro_batches, no_sync_unless_last
 from nanovalor.generate import SharedPrefix, repeat_for_group
 from nanovalor.logprobs import token_logprobs
+from nanovalor.weights import local_rows
 
 # -----------------------------------------------------------------------------
 # Advantages: rewards (B, G) -> advantages (B, G), one row per prompt group.
@@ -194,10 +196,39 @@ class CompletionLogprobs(nn.Module):
 
 
 def reference_model(policy):
-    """The frozen reference policy for the KL term: it shares every frozen parameter with `policy` and copies only
-    the trainable ones, so the visual stage (projector only) pays for a copy of the projector and nothing else."""
-    shared = {id(p): p for p in policy.parameters() if not p.requires_grad}  # deepcopy returns these as they are
-    return copy.deepcopy(policy, memo=shared).requires_grad_(False).eval()
+    """The frozen reference policy of the KL term, the stage's starting policy, as a context in which the policy
+    itself computes it: `with reference(scorer): scorer(...)`. It keeps a copy of the trainable parameters as they
+    are now (under FSDP2 this rank's shards only), swaps it in on entry and back on exit, and turns LoRA adapters
+    off; every frozen parameter is the policy's own. The memory cost is that copy: the projector alone in the visual
+    stage, nothing of a LoRA-trained decoder (its base is the reference), never a second model."""
+    adapter = set(lora.adapter_names(policy))
+    saved = [(p, local_rows(p)[0].clone()) for name, p in policy.named_parameters()
+             if p.requires_grad and name not in adapter]
+
+    def exchange():  # one parameter at a time: a parameter's size of extra memory at most
+        for p, other in saved:
+            mine = local_rows(p)[0]  # read again each time: FSDP2 may re-point its shard at lazy init
+            kept = mine.clone()
+            mine.copy_(other)
+            other.copy_(kept)
+
+    def reshard(module):  # FSDP2 keeps the root's gathered parameters after a no-grad forward: drop them, so that
+        from torch.distributed.fsdp import FSDPModule  # the next forward gathers the shards as they are now
+        for m in module.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+
+    @contextmanager
+    def context(scorer):
+        with torch.no_grad(), lora.disabled(policy):
+            reshard(scorer)
+            exchange()
+            try:
+                yield
+            finally:
+                reshard(scorer)
+                exchange()
+    return context
 
 
 # -----------------------------------------------------------------------------
@@ -209,7 +240,7 @@ def update(scorer, reference, pixels, prompt_ids, prompt_mask, tokens, mask, sam
 
     pixels (B, 3, S, S), prompt_ids / prompt_mask (B, Tp): B studies; tokens, mask, sampler_logp (B*G, Tc) and
     advantages (B*G,): their G rollouts each. scorer: the policy's CompletionLogprobs (DDP / FSDP wrapped or not);
-    reference: the frozen reference policy, or None when beta = 0. Micro-batches of `micro` groups each run one
+    reference: reference_model(policy), or None when beta = 0. Micro-batches of `micro` groups each run one
     forward and backward; the loss is normalised by the token and sequence counts of the *global* batch (all
     micro-batches, all ranks) and multiplied by `world` (DDP averages gradients over ranks), so any split of one
     global batch over ranks and accumulation steps gives the same gradient. With mu > 1, the sampler's log-probs
@@ -223,9 +254,9 @@ def update(scorer, reference, pixels, prompt_ids, prompt_mask, tokens, mask, sam
         return module(pixels[s], prompt_ids[s], prompt_mask[s], tokens[r], mask[r], G, temperature, entropy)
 
     ref_logp = None
-    if reference is not None:  # never wrapped: a no-grad forward needs no DDP / FSDP hooks
-        with torch.no_grad(), autocast(device):
-            ref_logp = torch.cat([logprobs(CompletionLogprobs(reference), s, False) for s in parts])
+    if reference is not None:  # the policy itself, its starting weights swapped in (reference_model)
+        with torch.no_grad(), autocast(device), reference(scorer):
+            ref_logp = torch.cat([logprobs(scorer, s, False) for s in parts])
     # Running sums stay on the device: reading a value to the host each micro-batch would stall the GPU queue.
     zero = torch.zeros((), dtype=torch.float64, device=device)
     sums, ratio_err = dict.fromkeys(("loss", "kl", "clip_frac", "entropy"), zero), zero

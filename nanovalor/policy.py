@@ -1,14 +1,16 @@
 """The policy: a LLaVA-family medical VLM (ViT -> projector -> decoder), owned by us, and its checkpoints.
 
     model = load("microsoft/llava-med-v1.5-mistral-7b")  # or llava-hf/llava-1.5-7b-hf, or a local folder
+    model = build(path); ...; fill(model)     # the same in two steps: built on the meta device from config.json,
+                                              # weights read once what trains is set and FSDP2 has sharded it
     logits = model(input_ids, pixel_values)  # (B, T, V): transformers' Llava input convention (generate.py
                                              # builds input_ids: encode_prompt, left_pad)
 
 Here: the projector, the LLaVA model with the API GRPO needs (encode each image once, hidden states at chosen
-positions, any padding, gradient checkpointing), configs, `load` / `save` (HF llava and original LLaVA / LLaVA-Med
-layouts). The ViT is vit.py, the decoder (Llama / Mistral / Qwen2) decoder.py; the tokenizer, chat formats and
-samplers are generate.py; weight files weights.py. `load` and `save` also take Qwen2.5-VL (qwen_vl.py, the same
-API), so every script takes either family.
+positions, any padding, gradient checkpointing), configs, `build` / `fill` / `load` / `save` (HF llava and original
+LLaVA / LLaVA-Med layouts). The ViT is vit.py, the decoder (Llama / Mistral / Qwen2) decoder.py; the tokenizer, chat
+formats and samplers are generate.py; weight files and how they are read weights.py; LoRA lora.py. `build`, `fill`,
+`load` and `save` also take Qwen2.5-VL (qwen_vl.py, the same API), so every script takes either family.
 
 Not implemented (each refused with a clear error): Mistral's sliding-window attention (longer sequences are
 refused; LLaVA-Med's window is 4096 tokens), RoPE scaling, multi-layer vision features, image start/end tokens.
@@ -22,11 +24,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanovalor import qwen_vl
+from nanovalor import lora, qwen_vl
 from nanovalor.checkpoint import atomic_folder
 from nanovalor.decoder import BIASES, Decoder, DecoderConfig, attention_mask_4d, decoder_config_from_hf, rope_cos_sin
 from nanovalor.vit import VisionConfig, VisionTower, vision_config_from_hf
-from nanovalor.weights import TOKENIZER_FILES, load_checked, read_checkpoint, read_json, resolve, token_ids
+from nanovalor.weights import TOKENIZER_FILES, checkpoint_index, materialise, read_json, resolve, token_ids
 
 
 # -----------------------------------------------------------------------------
@@ -56,7 +58,8 @@ class LlavaConfig:
     feature_layer: int = -2  # ViT hidden state fed to the projector (HF hidden_states indexing)
     feature_select: str = "default"  # "default" drops the ViT's first token (CLIP's class token), "full" keeps all
     eos_token_id: list = field(default_factory=lambda: [2])
-    chat_format: str = "auto"  # generate.CHAT_FORMATS key; "auto": the decoder family's (saved as nanovalor_chat_format)
+    chat_format: str = "auto"  # generate.CHAT_FORMATS key; "auto": the decoder family's (saved as
+    # nanovalor_chat_format)
 
     @property
     def num_image_tokens(self):  # placeholder tokens per image in input_ids
@@ -264,31 +267,24 @@ VISION_REPO_KEYS = [  # the repo named by mm_vision_tower: a CLIPModel / CLIPVis
 UNUSED = ("rotary_emb.inv_freq", "embeddings.position_ids", "vision_tower.head.")  # buffers old saves kept; SigLIP head
 
 
-def load(path_or_repo_id, dtype=None, device=None):
-    """The Llava model of a local folder or hub id, in eval mode. Layouts: transformers' LlavaForConditionalGeneration
-    (every key layout it has written) and the original LLaVA / LLaVA-Med (vision tower from the repo named by
-    mm_vision_tower unless the checkpoint holds it). dtype defaults to bfloat16 on CUDA and float32 elsewhere.
-    Any missing, unexpected or mis-shaped tensor is one error that lists them all. A Qwen2.5-VL checkpoint
-    (model_type qwen2_5_vl) gives qwen_vl.load's QwenVL."""
-    folder = resolve(path_or_repo_id)
+CONFIG_FILES = ["*.json", "*.jinja", "*.txt"]  # what build() fetches of a hub repo: configs and tokenizer, no weights
+
+
+def read_config(folder):
+    """(LlavaConfig, the vision repo's folder or None) of a model folder: transformers' LlavaForConditionalGeneration
+    config or the original LLaVA / LLaVA-Med one (its ViT's config from the repo named by mm_vision_tower), with the
+    EOS ids of generation_config.json."""
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder}: no config.json, not a model folder")
     d, where = read_json(folder / "config.json"), str(folder / "config.json")
-    if d.get("model_type") == "qwen2_5_vl":
-        return qwen_vl.load(folder, dtype, device)
     vision_folder = None
     if "mm_vision_tower" in d:
-        vision_folder = resolve(d["mm_vision_tower"])
+        vision_folder = resolve(d["mm_vision_tower"], CONFIG_FILES)
         cfg = config_from_original(d, read_json(vision_folder / "config.json"), where)
-        tensors, unexpected = read_checkpoint(folder, ORIGINAL_LLAVA_KEYS, skip=UNUSED)
-        if not any(k.startswith("vision_tower.") for k in tensors):
-            vision_tensors, vision_unexpected = read_checkpoint(vision_folder, VISION_REPO_KEYS, skip=UNUSED)
-            tensors, unexpected = {**tensors, **vision_tensors}, unexpected + vision_unexpected
     elif d.get("model_type") == "llava":
         if d.get("architectures", ["LlavaForConditionalGeneration"]) != ["LlavaForConditionalGeneration"]:
             raise ValueError(f"{where}: architectures {d['architectures']}: expected ['LlavaForConditionalGeneration']")
         cfg = config_from_hf(d, where)
-        tensors, unexpected = read_checkpoint(folder, HF_LLAVA_KEYS, skip=UNUSED)
     else:
         raise ValueError(f"{where}: model_type {d.get('model_type')!r} is not a LLaVA model: expected 'llava' "
                          f"(HF layout) or one of {sorted(ORIGINAL_TYPES)} with mm_vision_tower (original layout); or "
@@ -296,40 +292,106 @@ def load(path_or_repo_id, dtype=None, device=None):
     if (folder / "generation_config.json").exists():
         generation = read_json(folder / "generation_config.json")
         cfg.eos_token_id = token_ids(generation.get("eos_token_id")) or cfg.eos_token_id
+    return cfg, vision_folder
+
+
+def weight_index(folder):
+    """({our name: weights.Entry}, unmapped checkpoint names) of a model folder's weights, nothing read: its own
+    files, and for an original-layout checkpoint without the ViT those of the repo named by mm_vision_tower."""
+    d = read_json(folder / "config.json")
+    if d.get("model_type") == "qwen2_5_vl":
+        return checkpoint_index(folder, qwen_vl.HF_QWEN_KEYS, skip=qwen_vl.UNUSED)
+    if "mm_vision_tower" not in d:
+        return checkpoint_index(folder, HF_LLAVA_KEYS, skip=UNUSED)
+    index, unexpected = checkpoint_index(folder, ORIGINAL_LLAVA_KEYS, skip=UNUSED)
+    if not any(k.startswith("vision_tower.") for k in index):
+        vision_index, vision_unexpected = checkpoint_index(resolve(d["mm_vision_tower"]), VISION_REPO_KEYS, skip=UNUSED)
+        index, unexpected = {**index, **vision_index}, unexpected + vision_unexpected
+    return index, unexpected
+
+
+def build(path_or_repo_id, dtype=torch.float32):
+    """The Llava of a local folder or hub id on the meta device, in `dtype`, from its config files alone (a hub id:
+    only *.json, *.jinja, *.txt are fetched); `source` and `preprocessor_config` set. Nothing is allocated: set what
+    trains, apply LoRA, shard it with FSDP2, then fill() reads the weights (each rank only its own rows)."""
+    folder = resolve(path_or_repo_id, CONFIG_FILES)
+    if (folder / "config.json").exists() and read_json(folder / "config.json").get("model_type") == "qwen2_5_vl":
+        return qwen_vl.build(folder, dtype)  # the other family, with the same API
+    cfg, vision_folder = read_config(folder)
     with torch.device("meta"):
-        model = Llava(cfg)
-    device = torch.device(device or "cpu")
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    tied = ["lm_head.weight"] if cfg.text.tie_embeddings else []
-    load_checked(model, tensors, folder, unexpected, tied, cast=lambda t: t.to(device, dtype))
-    if cfg.text.tie_embeddings:  # assign=True replaced the shared Parameter: share it again
-        model.lm_head.weight = model.language_model.embed_tokens.weight
+        model = Llava(cfg).to(dtype)
     model.source = folder
     proc = vision_folder if vision_folder is not None else folder
     if (proc / "preprocessor_config.json").exists():
         model.preprocessor_config = read_json(proc / "preprocessor_config.json")
-        if d.get("image_aspect_ratio") == "pad":  # original LLaVA pads to a square with the mean colour
-            model.preprocessor_config["do_pad"] = True
+        if read_json(folder / "config.json").get("image_aspect_ratio") == "pad":  # original LLaVA pads to a square
+            model.preprocessor_config["do_pad"] = True                             # with the mean colour
     return model.eval()
+
+
+def fill(model, path_or_repo_id=None, device=None, trained_only=False):
+    """Read a checkpoint's weights (default: the one `model` was built from) into `model`, each cast to the model's
+    dtype as it is copied (weights.materialise: peak host memory ~ the model itself, 1/world of it per FSDP2 rank).
+    A model on the meta device gets its storage on `device` first (default CPU). LoRA adapters start as lora.reset
+    makes them. trained_only=True (resuming a train.py checkpoint into a filled model): only the parameters that
+    train are read, frozen ones never change within a stage; the adapters from the checkpoint's adapter.safetensors.
+    Any missing, unexpected or mis-shaped tensor is one error that lists them all. Returns the model."""
+    folder = resolve(path_or_repo_id or model.source)
+    index, unexpected = weight_index(folder)
+    tied = ["lm_head.weight"] if model.cfg.text.tie_embeddings else []
+    skip = set(tied) | set(lora.adapter_names(model))
+    state = model.state_dict(keep_vars=True)
+    only = [k for k, t in state.items() if k not in skip and (t.requires_grad or not trained_only)]
+    materialise(model, index, folder, unexpected, tied, only, device)
+    if trained_only and lora.adapters(model):
+        lora.load_adapter(model, folder)
+    elif not trained_only:
+        for adapter in lora.adapters(model).values():
+            adapter.reset()
+    return model
+
+
+def load(path_or_repo_id, dtype=None, device=None):
+    """The Llava (or QwenVL) model of a local folder or hub id, in eval mode: build() then fill(). Layouts:
+    transformers' LlavaForConditionalGeneration (every key layout it has written) and the original LLaVA / LLaVA-Med (vision tower
+    from the repo named by mm_vision_tower unless the checkpoint holds it). dtype defaults to bfloat16 on CUDA and
+    float32 elsewhere. Any missing, unexpected or mis-shaped tensor is one error that lists them all."""
+    device = torch.device(device or "cpu")
+    return fill(build(path_or_repo_id, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)),
+                path_or_repo_id, device)
+
+
+def empty_like(model):
+    """An unsharded copy of `model`'s structure (its LoRA adapters included) on the meta device, with its source and
+    preprocessing: train.py assigns the full state dict that FSDP gathers into it, to save it."""
+    with torch.device("meta"):
+        target = type(model)(model.cfg)  # Llava or QwenVL
+    if lora.settings(model):
+        lora.apply(target, *lora.settings(model))
+    target.source, target.preprocessor_config = model.source, model.preprocessor_config
+    return target
 
 
 def save(model, folder):
     """Write `model` in the llava-hf layout (config.json, generation_config.json, model.safetensors, and the
     tokenizer and preprocessor files of the checkpoint it came from), loadable by transformers'
-    LlavaForConditionalGeneration and by load(). Atomic (checkpoint.atomic_folder). A QwenVL goes to qwen_vl.save."""
-    if isinstance(model, qwen_vl.QwenVL):
-        return qwen_vl.save(model, folder)
-    config = config_to_hf(model.cfg)
+    LlavaForConditionalGeneration and by load(). Atomic (checkpoint.atomic_folder). A QwenVL is written in the hub
+    layout of Qwen/Qwen2.5-VL-3B-Instruct (qwen_vl.config_to_hf, qwen_vl.QWEN_HF_NAMES), which transformers'
+    Qwen2_5_VLForConditionalGeneration loads."""
+    qwen = isinstance(model, qwen_vl.QwenVL)
+    config = (qwen_vl.config_to_hf if qwen else config_to_hf)(model.cfg)
     tensors = {}
-    for name, t in model.state_dict().items():
+    for name, t in lora.merged_state_dict(model).items():  # LoRA adapters folded into their weights
         if name == "lm_head.weight" and model.cfg.text.tie_embeddings:
             continue
-        old, new = next((o, n) for o, n in LLAVA_HF_NAMES if name.startswith(o))
+        old, new = next((o, n) for o, n in (qwen_vl.QWEN_HF_NAMES if qwen else LLAVA_HF_NAMES) if name.startswith(o))
         tensors[new + name[len(old):]] = t.detach().cpu().contiguous()
     from safetensors.torch import save_file
 
     def fill(path):
         save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+        if lora.adapters(model):  # and the adapters alone (train.py resumes a LoRA run from them)
+            lora.save_adapter(model, path)
         (path / "config.json").write_text(json.dumps(config, indent=2))
         (path / "generation_config.json").write_text(json.dumps({"eos_token_id": model.cfg.eos_token_id}, indent=2))
         if model.preprocessor_config is not None:

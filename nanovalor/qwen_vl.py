@@ -21,19 +21,15 @@ caches carry it), and later tokens are numbered text position + offset, the same
 
 Not implemented (refused): videos (time positions scaled by fps), the decoder's sliding window, Qwen2-VL (not 2.5).
 """
-import json
-import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from nanovalor.checkpoint import atomic_folder
 from nanovalor.data import PackedImages
 from nanovalor.decoder import Decoder, DecoderConfig, attention_mask_4d, decoder_config_from_hf, rope_cos_sin
 from nanovalor.qwen_vit import PatchMerger, QwenVisionConfig, QwenVisionTower
-from nanovalor.weights import TOKENIZER_FILES, load_checked, read_checkpoint, read_json, resolve, token_ids
+from nanovalor.weights import read_json, token_ids
 
 
 @dataclass
@@ -280,26 +276,18 @@ HF_QWEN_KEYS = [  # no name matches two rules that disagree
 UNUSED = ("rotary_emb.inv_freq", "rotary_pos_emb.inv_freq")  # buffers that old saves kept
 
 
-def load(path_or_repo_id, dtype=None, device=None):
-    """The QwenVL model of a local folder or hub id (sharded or single safetensors), in eval mode. dtype defaults
-    to bfloat16 on CUDA and float32 elsewhere. Any missing, unexpected or mis-shaped tensor is one error that lists
-    them all; a preprocessor_config.json that does not fit the ViT is refused."""
-    folder = resolve(path_or_repo_id)
+def build(folder, dtype=torch.float32):
+    """The QwenVL of a model folder on the meta device, in `dtype`, from its config files alone, with `source` and
+    `preprocessor_config` set (policy.build calls it for model_type qwen2_5_vl; policy.fill reads the weights, with
+    HF_QWEN_KEYS). A preprocessor_config.json that does not fit the ViT is refused."""
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder}: no config.json, not a model folder")
     cfg = config_from_hf(read_json(folder / "config.json"), str(folder / "config.json"))
-    tensors, unexpected = read_checkpoint(folder, HF_QWEN_KEYS, skip=UNUSED)
     if (folder / "generation_config.json").exists():
         generation = read_json(folder / "generation_config.json")
         cfg.eos_token_id = token_ids(generation.get("eos_token_id")) or cfg.eos_token_id
     with torch.device("meta"):
-        model = QwenVL(cfg)
-    device = torch.device(device or "cpu")
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    tied = ["lm_head.weight"] if cfg.text.tie_embeddings else []
-    load_checked(model, tensors, folder, unexpected, tied, cast=lambda t: t.to(device, dtype))
-    if cfg.text.tie_embeddings:  # assign=True replaced the shared Parameter: share it again
-        model.lm_head.weight = model.language_model.embed_tokens.weight
+        model = QwenVL(cfg).to(dtype)
     model.source = folder
     v = cfg.vision  # the processor must cut the patches the ViT was built for; transformers' pixel limits otherwise
     proc = dict(image_processor_type="Qwen2VLImageProcessor", patch_size=v.patch_size, merge_size=v.spatial_merge_size,
@@ -315,28 +303,3 @@ def load(path_or_repo_id, dtype=None, device=None):
         proc = given
     model.preprocessor_config = proc
     return model.eval()
-
-
-def save(model, folder):
-    """Write `model` in the hub layout of Qwen/Qwen2.5-VL-3B-Instruct (config.json, generation_config.json,
-    model.safetensors, preprocessor_config.json, and the tokenizer files of the checkpoint it came from), loadable
-    by transformers' Qwen2_5_VLForConditionalGeneration and by load(). Atomic (checkpoint.atomic_folder)."""
-    config, tensors = config_to_hf(model.cfg), {}
-    for name, t in model.state_dict().items():
-        if name == "lm_head.weight" and model.cfg.text.tie_embeddings:
-            continue
-        old, new = next((o, n) for o, n in QWEN_HF_NAMES if name.startswith(o))
-        tensors[new + name[len(old):]] = t.detach().cpu().contiguous()
-    from safetensors.torch import save_file
-
-    def fill(path):
-        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-        (path / "config.json").write_text(json.dumps(config, indent=2))
-        (path / "generation_config.json").write_text(json.dumps({"eos_token_id": model.cfg.eos_token_id}, indent=2))
-        if model.preprocessor_config is not None:
-            (path / "preprocessor_config.json").write_text(json.dumps(model.preprocessor_config, indent=2))
-        for name in TOKENIZER_FILES if model.source is not None else ():
-            if (Path(model.source) / name).exists():
-                shutil.copy(Path(model.source) / name, path / name)
-
-    atomic_folder(folder, fill)

@@ -215,24 +215,34 @@ def test_completion_logprobs_equal_full_logits():
         assert torch.all(logp[row, lengths[row]:] == 0)
 
 
-def test_reference_model_shares_frozen_and_copies_trainable():
-    from nanovalor.grpo import reference_model
+def test_reference_is_the_starting_policy_and_copies_only_what_trains():
+    """reference_model: the policy with its starting trainable weights swapped in, for the block only."""
+    from nanovalor.generate import left_pad
+    from nanovalor.grpo import CompletionLogprobs, reference_model
 
     policy = tiny_policy()
     policy.requires_grad_(False)
     policy.multi_modal_projector.requires_grad_(True)  # the visual stage trains the projector only
-    ref = reference_model(policy)
-    assert ref.vision_tower.encoder.layers[0].mlp.fc1.weight is policy.vision_tower.encoder.layers[0].mlp.fc1.weight
-    assert ref.language_model.embed_tokens.weight is policy.language_model.embed_tokens.weight
-    assert ref.multi_modal_projector.linear_1.weight is not policy.multi_modal_projector.linear_1.weight
-    assert torch.equal(ref.multi_modal_projector.linear_1.weight, policy.multi_modal_projector.linear_1.weight)
-    assert not any(p.requires_grad for p in ref.parameters())
-    assert all(p.requires_grad for p in policy.multi_modal_projector.parameters())
+    scorer = CompletionLogprobs(policy)
+    prompt_ids, prompt_mask = left_pad([[1, 5] + [60] * 4 + [7]])
+    pixels, tokens, mask = torch.randn(1, 3, 16, 16), torch.tensor([[9, 11, 2]]), torch.ones(1, 3, dtype=torch.bool)
+    score = lambda: scorer(pixels, prompt_ids, prompt_mask, tokens, mask)
     with torch.no_grad():
-        policy.multi_modal_projector.linear_1.weight.add_(1.0)  # training the policy leaves the reference as it was
-    assert not torch.equal(ref.multi_modal_projector.linear_1.weight, policy.multi_modal_projector.linear_1.weight)
-
-
+        start = score()
+        reference = reference_model(policy)
+        for p in policy.parameters():  # "training": every parameter moves, frozen ones too (they never do)
+            p.add_(0.1)
+        moved = score()
+        with reference(scorer):
+            ref = score()
+        after = score()
+    assert not torch.allclose(moved, start, atol=1e-3)
+    torch.testing.assert_close(after, moved, rtol=0, atol=0)  # swapped back exactly
+    # only the projector was saved: inside, the projector is the starting one and everything else as it is now
+    with torch.no_grad():
+        for p in policy.multi_modal_projector.parameters():
+            p.sub_(0.1)
+        torch.testing.assert_close(ref, score(), rtol=0, atol=0)
 @pytest.mark.parametrize("completion_length", [5, 1])
 def test_shared_prompt_pass_equals_a_prompt_per_completion(completion_length):
     """The prompt computed once per group (SharedPrefix) gives the same log-probs, entropies and gradients as every

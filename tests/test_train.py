@@ -115,3 +115,25 @@ def test_any_split_over_ranks_and_accumulation_gives_the_same_update(world, tmp_
         assert log["grad_norm"] == pytest.approx(log0["grad_norm"], rel=1e-4), name
         for k in w0:  # AdamW's first step divides by |g|: float noise in g moves a weight by a fraction of lr
             torch.testing.assert_close(w[k], w0[k], rtol=0, atol=2e-4, msg=f"{name}: {k}")
+
+
+def test_lora_resume_is_bit_exact_and_fsdp_gives_the_same_update(world, tmp_path):
+    """--lora_rank: the adapters (and the projector, LM head) train, the decoder's base does not; the checkpoint is the
+    merged model plus adapter.safetensors; resume continues exactly; FSDP2 over 2 ranks gives the 1-rank update."""
+    lora = dict(lora_rank=4, lora_alpha=8.0)
+    train.main(grpo_config(world, tmp_path / "straight", steps=4, **lora))
+    train.main(grpo_config(world, tmp_path / "resumed", steps=4, stop_after=2, **lora))
+    train.main(grpo_config(world, tmp_path / "resumed", steps=4, resume=True, **lora))
+    a, b = weights(tmp_path / "straight" / "text" / "checkpoint"), weights(tmp_path / "resumed" / "text" / "checkpoint")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    adapter = lambda run: load_file(str(tmp_path / run / "text" / "checkpoint" / "adapter.safetensors"))
+    assert all(torch.equal(adapter("straight")[k], adapter("resumed")[k]) for k in adapter("straight"))
+    sft = weights(world["model"])
+    moved = {k for k in a if not torch.equal(a[k], sft[k])}
+    assert any(".q_proj." in k for k in moved) and not any("norm" in k or "embed" in k for k in moved), moved
+    (log1, w1), (log2, w2) = (run_torchrun(world, tmp_path / "one", 1, 2, "--lora_rank=4"),
+                              run_torchrun(world, tmp_path / "fsdp", 2, 2, "--lora_rank=4", "--fsdp"))
+    assert log2["loss"] == pytest.approx(log1["loss"], rel=1e-5, abs=1e-7)
+    assert log2["grad_norm"] == pytest.approx(log1["grad_norm"], rel=1e-4)
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=2e-4, msg=k)
