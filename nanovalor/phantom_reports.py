@@ -3,7 +3,7 @@
 Reports are written from many phrasings per finding (PHRASES), in varied order, with pertinent negatives,
 laterality, severity and normal-limits sentences, in the style of real findings sections; every sentence carries the
 labels a CheXpert-style labeler reads from it, and aggregate_labels applies CheXpert's rules. phantoms.py draws the
-findings and the images.
+findings and the images; tests: `python -m pytest -q tests/test_phantoms.py`.
 """
 from nanovalor.chexpert import CHEXPERT_LABELS
 
@@ -158,6 +158,8 @@ def write_report(findings: dict, rng) -> tuple[str, tuple]:
         sentences.append(CLOSINGS[rng.integers(len(CLOSINGS))])
     if rng.random() < 0.3:
         sentences.insert(0, INTROS[rng.integers(len(INTROS))])
+    if not sentences:  # a normal study whose every optional sentence was left out (1 in ~40,000): say it is normal
+        sentences.append(CLOSINGS[rng.integers(len(CLOSINGS))])
     return " ".join(sentences), labels
 
 
