@@ -53,6 +53,7 @@ class Config:
     split: str = "test"  # the split of --data to evaluate (train, val or test)
     data: str = "out/phantoms/annotation.json"  # annotation.json or .jsonl (a .jsonl file is one split)
     image_root: str = ""  # "": images/ next to the annotation file
+    skip_bad: bool = False  # skip (and count) studies whose images are missing or unreadable, instead of stopping
     expert: str = ""  # "": the phantom world's expert when there is one; "none": no expert similarity
     n: int = 0  # evaluate the first n studies of the split; 0: all
     prompt: str = ""  # "": each checkpoint's training prompt (train_config.json), else data.DEFAULT_PROMPT
@@ -106,8 +107,9 @@ def config_diff(saved):
         return {}
     import train  # train.py, beside this script: its Config defaults and per-stage defaults
     stage = saved.get("stage", train.Config.stage)
-    defaults = asdict(train.Config(stage=stage)) | train.STAGES.get(stage, {})
-    return {"stage": stage} | {k: v for k, v in saved.items() if k not in defaults or defaults[k] != v}
+    raw = asdict(train.Config(stage=stage))  # a default is the field's own (e.g. -1) or the stage's (resolved)
+    staged = raw | train.STAGES.get(stage, {})
+    return {"stage": stage} | {k: v for k, v in saved.items() if k not in raw or v not in (raw[k], staged[k])}
 
 
 def append_result(path, row):
@@ -132,7 +134,7 @@ def models_mode(cfg):
         raise SystemExit(f"error: --model given twice with the same checkpoint: {cfg.model}")
     for name in cfg.model:  # every checkpoint is there before the first is evaluated
         checked(resolve, name)
-    studies = checked(read_dataset, cfg.data, cfg.split, cfg.image_root or None)[:cfg.n or None]
+    studies = checked(read_dataset, cfg.data, cfg.split, cfg.image_root or None, skip_bad=cfg.skip_bad)[:cfg.n or None]
     if not studies:
         raise SystemExit(f"error: {cfg.data}: no studies in split {cfg.split!r}")
     expert_path = cfg.expert

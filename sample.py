@@ -42,8 +42,8 @@ class Config:
     prompt: str = ""  # "": the prompt the checkpoint was trained with, else data.DEFAULT_PROMPT
     max_new_tokens: int = 0  # 0: the checkpoint's training max_new_tokens, else 128
     temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    seed: int = 0
+    top_p: float = 1.0  # nucleus sampling when --temperature > 0 (1: off)
+    seed: int = 0  # the sampling seed (--temperature > 0)
     heatmap: str = ""  # write the attention map PNG here
     device: str = ""  # "": cuda when available, else cpu
 

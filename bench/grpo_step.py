@@ -148,7 +148,7 @@ def worker_ours(args, folder, prompts):
     from tokenizers import Tokenizer
 
     from nanovalor.generate import decode_completions, left_pad, sample
-    from nanovalor.grpo import CompletionLogprobs, group_advantages, reference_model, update
+    from nanovalor.grpo import CompletionLogprobs, Rollout, group_advantages, reference_model, rollout_logprobs, update
 
     B, G, N = args.prompts, args.group, args.new_tokens
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
@@ -171,8 +171,10 @@ def worker_ours(args, folder, prompts):
         texts = decode_completions(tok, samples)  # (B*G,)
         rewards = torch.tensor([reward(t) for t in texts]).view(B, G)
         advantages = group_advantages(rewards, "zscore").flatten()  # (B*G,)
-        update(scorer, reference, no_images, ids, mask, samples.tokens, samples.mask, samples.logprobs, advantages,
-               G, micro=B, beta=args.beta, eps_low=0.2, eps_high=0.2, agg="token_mean")
+        rollout = Rollout(no_images, ids, mask, samples.tokens, samples.mask, samples.logprobs, G)
+        ref_logp = rollout_logprobs(CompletionLogprobs(reference), rollout, micro=B)
+        update(scorer, rollout, advantages, micro=B, ref_logp=ref_logp, beta=args.beta, eps_low=0.2, eps_high=0.2,
+               agg="token_mean")
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

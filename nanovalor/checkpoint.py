@@ -9,7 +9,8 @@ training state beside it.
 
 A folder (a checkpoint, policy.save, expert.save) is filled in a temporary folder next to it, which then replaces the
 old one by renames; a file (write_atomic) likewise: a reader never sees half of one, and after a crash recover()
-puts the newest complete copy in place and removes the leftovers. lock() keeps a second run out of a folder.
+puts the newest complete copy in place and removes the leftovers. lock() keeps a second run out of a folder;
+open_log() appends a run's metrics.jsonl.
 trainer_state.pt holds only tensors, numbers, strings, lists and dicts, so it loads with
 torch.load(weights_only=True).
 """
@@ -119,6 +120,73 @@ def save(folder, write_model, state, config):
         (path / "train_config.json").write_text(json.dumps(config, indent=2))
 
     atomic_folder(folder, fill)
+
+
+def save_training(folder, model, wrapped, optimizer, state, config, write_model, empty_like, fsdp=False, rank=0):
+    """train.py's checkpoint: the model through write_model(model, path) (policy.save) and, in trainer_state.pt,
+    `state` plus the optimizer's state. Under FSDP every rank takes part in gathering the full weights and optimizer
+    state to rank 0's CPU, which writes them from empty_like(model) (policy.empty_like: an unsharded copy of its
+    structure on the meta device) filled with them."""
+    import torch.distributed as dist
+    target = model
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        weights, state["optimizer"] = get_state_dict(wrapped, optimizer, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            target = empty_like(model)
+            prefix = next(name for name, module in wrapped.named_modules() if module is model)  # "policy"
+            target.load_state_dict({k.removeprefix(prefix + "."): v for k, v in weights.items()}, assign=True)
+    else:
+        state["optimizer"] = optimizer.state_dict()
+    if rank == 0:
+        save(folder, lambda path: write_model(target, path), state, config)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def restore_training(folder, wrapped, optimizer, fsdp=False):
+    """The state saved by save_training, with the optimizer's restored (under FSDP each rank takes its shard)."""
+    state = load_state(folder)
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(wrapped, optimizer, state["optimizer"], StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    return state
+
+
+def open_log(run, config, wandb_project=""):
+    """log(record): one JSON line per call in the run folder's metrics.jsonl, and to wandb when a project is named
+    (and wandb installed; config: the run's settings, for wandb)."""
+    file, wandb = open(Path(run) / "metrics.jsonl", "a"), None
+    if wandb_project:
+        try:
+            import wandb
+            wandb.init(project=wandb_project, config=config)
+        except ImportError:
+            print("wandb is not installed: logging to metrics.jsonl only")
+
+    def log(record):
+        file.write(json.dumps(record) + "\n")
+        file.flush()
+        if wandb:
+            wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+    return log
+
+
+def check_resume(folder, config, free=()):
+    """A resumed run must be the same run: the config it is given (a dict) against train_config.json in the
+    checkpoint `folder`; one error listing every difference except in the keys `free` (logging, evaluation)."""
+    path = Path(folder) / "train_config.json"
+    if not path.exists():
+        raise SystemExit(f"error: --resume: {path} is missing (no checkpoint of this stage to continue)")
+    saved = json.loads(path.read_text())
+    changed = {k: (saved[k], v) for k, v in config.items() if k in saved and saved[k] != v and k not in free}
+    if changed:
+        what = ", ".join(f"--{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        raise SystemExit(f"error: --resume would change the run saved in {path}: {what}. Resume with the same "
+                         "settings, or start a new run in another --out")
 
 
 def load_state(folder):

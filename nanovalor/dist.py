@@ -71,6 +71,21 @@ def autocast(device):
     return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
+def shard(module, blocks):
+    """FSDP2: fully_shard each of `blocks` (one unit each), then `module`, the root, which holds the rest. Done on
+    the meta device, before the weights are read, so that each rank reads only its own rows. Every training pass must
+    go through the root's forward: the gathering, gradient and resharding hooks run only there."""
+    from torch.distributed.fsdp import fully_shard
+    for block in blocks:
+        fully_shard(block)
+    return fully_shard(module)
+
+
+def replicate(module):
+    """DDP under torchrun with more than one rank (its weights in place: DDP broadcasts rank 0's), else `module`."""
+    return torch.nn.parallel.DistributedDataParallel(module) if rank_and_world()[1] > 1 else module
+
+
 def no_sync_unless_last(wrapped, i, n):
     """DDP all-reduces gradients on the last of n micro-batches only (gradient accumulation)."""
     return wrapped.no_sync() if hasattr(wrapped, "no_sync") and i < n - 1 else nullcontext()

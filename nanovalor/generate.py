@@ -26,11 +26,11 @@ give the same tokens. Speed: `python bench/sample.py`.
 """
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nanovalor.policy import token_ids
-from nanovalor.weights import read_tokenizer, resolve
+from nanovalor.weights import read_tokenizer, resolve, token_ids
 
 # -----------------------------------------------------------------------------
 # Prompts: the tokenizer, the chat format of each model family, and token ids in transformers' Llava convention.
@@ -373,3 +373,11 @@ def sample_naive(model, input_ids, attention_mask=None, pixel_values=None, image
             break
         ids, mask = torch.cat([ids, tokens[:, None]], 1), torch.cat([mask, mask.new_ones(ids.shape[0], 1)], 1)
     return rec.result()
+
+
+def group_generators(key, rank, world, n, device):
+    """One torch.Generator per study of a rank's batch of n, seeded by (key, the study's place in the global batch):
+    a group's samples (uniform_noise) are the same on any number of ranks and after a resume. key: numbers, e.g.
+    (seed, step)."""
+    seeds = [np.random.SeedSequence([*key, rank + k * world]).generate_state(1)[0] for k in range(n)]
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]

@@ -10,7 +10,9 @@ Choices that are ours, where the VALOR paper (arXiv 2512.16201; only its abstrac
 - group size G = 8; eps_low = eps_high = 0.2 (eps_high > eps_low is DAPO's "clip-higher", arXiv 2503.14476);
 - KL with Schulman's k3 estimator exp(d) - d - 1, d = log pi_ref - log pi, beta = 0.01 (beta = 0 drops the
   reference model); k1 and k2 available;
-- mu = 1 optimisation pass per rollout batch, so pi_old is the sampling policy and the first-pass ratio is 1;
+- mu = 1 optimisation pass per rollout batch, so pi_old is the sampling policy and the first-pass ratio is 1; with
+  mu > 1, pi_old comes from one no-grad trainer forward before the first pass (as TRL's num_iterations) and every
+  pass is an optimizer step;
 - aggregation "token_mean" over the whole global batch (DAPO), with "seq_mean_token_mean" (the original GRPO) and
   "seq_mean_token_sum_norm" (Dr.GRPO, arXiv 2503.20783: sum over tokens / (sequences * max length));
 - advantages: group z-score with the unbiased std + 1e-6 for the text stage (verl's convention; TRL adds 1e-4);
@@ -18,6 +20,7 @@ Choices that are ours, where the VALOR paper (arXiv 2512.16201; only its abstrac
   optionally plus lambda times the text advantage (lambda = 0 by default).
 """
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -60,6 +63,22 @@ def rank(r):
 
 
 ADVANTAGES = {"zscore": zscore, "mean_only": mean_only, "rloo": rloo, "rank": rank}
+KL_ESTIMATORS = ("k1", "k2", "k3")
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+def check_options(group_size, temperature, advantage, kl, agg, eps_low, eps_high, beta, mu):
+    """The GRPO options that are wrong, each as a message (an empty list when all are right): for train.py to refuse
+    a run before any work rather than fail at its first update."""
+    checks = [(group_size >= 2, f"--group_size={group_size}: GRPO compares >= 2 samples per study"),
+              (temperature > 0, f"--temperature={temperature}: rollouts sample, T > 0 (greedy rollouts would make "
+                                "every group one report, and the log-probs divide by T)"),
+              (advantage in ADVANTAGES, f"--advantage={advantage}: expected one of {sorted(ADVANTAGES)}"),
+              (kl in KL_ESTIMATORS, f"--kl={kl}: expected one of {KL_ESTIMATORS}"),
+              (agg in AGGREGATIONS, f"--agg={agg}: expected one of {AGGREGATIONS}"),
+              (min(eps_low, eps_high, beta) >= 0, "--eps_low, --eps_high and --beta must be >= 0"),
+              (mu >= 1, f"--mu={mu}: at least one optimisation pass")]
+    return [message for ok, message in checks if not ok]
 
 
 def group_advantages(rewards, kind="zscore", text_rewards=None, text_weight=0.0):
@@ -69,10 +88,17 @@ def group_advantages(rewards, kind="zscore", text_rewards=None, text_weight=0.0)
         raise ValueError(f"advantage kind {kind!r}: expected one of {sorted(ADVANTAGES)}")
     if rewards.ndim != 2 or rewards.shape[1] < 2:
         raise ValueError(f"rewards must be (B, G) with G >= 2 samples per group, got shape {tuple(rewards.shape)}")
-    adv = ADVANTAGES[kind](rewards.double()).float()
+    adv = ADVANTAGES[kind](rewards.double())
+    # A group whose rewards are all equal teaches nothing: exactly 0 (a float mean of equal values can miss them
+    # by an ulp, which z-scoring would blow up to ~1e-11), so zero-variance groups are found by adv == 0.
+    adv = torch.where(_tied(rewards), 0.0, adv)
     if text_weight:
-        adv = adv + text_weight * zscore(text_rewards.double()).float()
-    return adv
+        adv = adv + text_weight * torch.where(_tied(text_rewards), 0.0, zscore(text_rewards.double()))
+    return adv.float()
+
+
+def _tied(r):  # (B, G) -> (B, 1): all G rewards of the group are equal
+    return (r.max(1, keepdim=True).values == r.min(1, keepdim=True).values)
 
 
 # -----------------------------------------------------------------------------
@@ -80,9 +106,15 @@ def group_advantages(rewards, kind="zscore", text_rewards=None, text_weight=0.0)
 # the real completion tokens (EOS included, padding excluded).
 
 
-def kl_estimate(logp, ref_logp, kind="k3"):
-    """Per-token estimate of KL(pi || pi_ref) from samples of pi (http://joschu.net/blog/kl-approx.html)."""
+def kl_estimate(logp, ref_logp, kind="k3", clamp=False):
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi (http://joschu.net/blog/kl-approx.html).
+    clamp=True bounds it as verl does (core_algos.kl_penalty): d = log(pi_ref / pi) clipped to [-20, 20] and
+    k3 to at most 10, so one token the policy has made very unlikely under the reference cannot blow the loss up."""
     d = ref_logp - logp  # log(pi_ref / pi)
+    if clamp:
+        d = d.clamp(-20, 20)
+    if kind == "k3" and clamp:
+        return (torch.expm1(d) - d).clamp(max=10)
     if kind == "k1":
         return -d
     if kind == "k2":
@@ -93,7 +125,7 @@ def kl_estimate(logp, ref_logp, kind="k3"):
 
 
 def policy_loss(logp, old_logp, ref_logp, advantages, mask, *, eps_low=0.2, eps_high=0.2, beta=0.01, kl="k3",
-                agg="token_mean", total_tokens=None, total_seqs=None, max_len=None, entropy=None):
+                kl_clamp=False, agg="token_mean", total_tokens=None, total_seqs=None, max_len=None, entropy=None):
     """The GRPO loss of one micro-batch, normalised so that summing it over the micro-batches (and ranks) of a global
     batch gives the loss of the whole batch.
 
@@ -115,7 +147,7 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, *, eps_low=0.2, eps_
     per_token = -torch.minimum(ratio * A, clipped * A)  # (N, T)
     kl_tok = None
     if beta:
-        kl_tok = kl_estimate(logp, torch.where(mask, ref_logp, 0.0), kl)  # 0 at padding
+        kl_tok = kl_estimate(logp, torch.where(mask, ref_logp, 0.0), kl, kl_clamp)  # 0 at padding
         per_token = per_token + beta * kl_tok
     per_token = torch.where(mask, per_token, 0.0)
 
@@ -137,7 +169,7 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, *, eps_low=0.2, eps_
         is_clipped = ((ratio < 1 - eps_low) & (A < 0)) | ((ratio > 1 + eps_high) & (A > 0))  # where the clip bites
         stats = {
             "clip_frac": (is_clipped & mask).sum() / n,
-            "ratio_err": torch.where(mask, (ratio - 1).abs(), 0.0).max() if ratio.numel() else ratio.new_zeros(()),
+            "ratio_dev": torch.where(mask, (ratio - 1).abs(), 0.0).max() if ratio.numel() else ratio.new_zeros(()),
             "kl": (kl_tok.sum() / n) if kl_tok is not None else ratio.new_zeros(()),
             "tokens": mask.sum(),
         }
@@ -232,51 +264,73 @@ def reference_model(policy):
 
 
 # -----------------------------------------------------------------------------
-# One GRPO update from a batch of rollouts.
+# One optimisation pass over a batch of rollouts.
 
-def update(scorer, reference, pixels, prompt_ids, prompt_mask, tokens, mask, sampler_logp, advantages, group_size,
-           micro, world=1, temperature=1.0, mu=1, **loss_options):
-    """Accumulate the GRPO gradient of this rank's groups; the caller clips and steps the optimizer.
+@dataclass
+class Rollout:
+    """B studies' prompts and the G completions sampled for each: rows b*G .. b*G+G-1 of the (B*G, Tc) tensors
+    answer study b."""
+    pixels: torch.Tensor  # (B, 3, S, S): each study's X-ray, as the policy preprocesses it
+    prompt_ids: torch.Tensor  # (B, Tp), left-padded
+    prompt_mask: torch.Tensor  # (B, Tp)
+    tokens: torch.Tensor  # (B*G, Tc), right-padded
+    mask: torch.Tensor  # (B*G, Tc): the real completion tokens, EOS included, padding not
+    logprobs: torch.Tensor  # (B*G, Tc): the sampler's, as it sampled (0 at padding)
+    group_size: int
 
-    pixels (B, 3, S, S), prompt_ids / prompt_mask (B, Tp): B studies; tokens, mask, sampler_logp (B*G, Tc) and
-    advantages (B*G,): their G rollouts each. scorer: the policy's CompletionLogprobs (DDP / FSDP wrapped or not);
-    reference: reference_model(policy), or None when beta = 0. Micro-batches of `micro` groups each run one
-    forward and backward; the loss is normalised by the token and sequence counts of the *global* batch (all
-    micro-batches, all ranks) and multiplied by `world` (DDP averages gradients over ranks), so any split of one
-    global batch over ranks and accumulation steps gives the same gradient. With mu > 1, the sampler's log-probs
-    are pi_old; with mu = 1, pi_old = pi (detached) and the ratio is exactly 1. Returns (stats, finite)."""
-    G, device = group_size, tokens.device
-    total_tokens, total_seqs = all_sum(mask.sum(), device), all_sum(len(mask), device)
-    parts = micro_batches(len(prompt_ids), micro)
+    def micro(self, s):
+        """Micro-batch s (a slice of studies): the arguments of CompletionLogprobs.forward."""
+        r = slice(s.start * self.group_size, s.stop * self.group_size)
+        return (self.pixels[s], self.prompt_ids[s], self.prompt_mask[s], self.tokens[r], self.mask[r],
+                self.group_size)
 
-    def logprobs(module, s, entropy):  # micro-batch s: a slice of groups
-        r = slice(s.start * G, s.stop * G)
-        return module(pixels[s], prompt_ids[s], prompt_mask[s], tokens[r], mask[r], G, temperature, entropy)
 
-    ref_logp = None
-    if reference is not None:  # the policy itself, its starting weights swapped in (reference_model)
-        with torch.no_grad(), autocast(device), reference(scorer):
-            ref_logp = torch.cat([logprobs(scorer, s, False) for s in parts])
+@torch.no_grad()
+def rollout_logprobs(module, rollout, micro, temperature=1.0):
+    """Teacher-forced log-probs (B*G, Tc) of the rollout's completions under `module` (a CompletionLogprobs, or its
+    DDP / FSDP wrapper), without a graph: the reference policy's, and pi_old's when mu > 1."""
+    with autocast(rollout.tokens.device):
+        return torch.cat([module(*rollout.micro(s), temperature) for s in micro_batches(len(rollout.prompt_ids),
+                                                                                        micro)])
+
+
+def update(scorer, rollout, advantages, micro, world=1, temperature=1.0, old_logp=None, ref_logp=None,
+           **loss_options):
+    """One optimisation pass: accumulate the GRPO gradient of this rank's groups; the caller clips and steps the
+    optimizer (once per pass: mu passes are mu steps).
+
+    scorer: the policy's CompletionLogprobs (DDP / FSDP wrapped or not); rollout: this rank's B groups; advantages
+    (B*G,); old_logp (B*G, Tc): pi_old, the policy before the first pass (rollout_logprobs), or None on a single
+    pass, where pi_old = pi (detached) and the ratio is exactly 1; ref_logp (B*G, Tc): the reference policy's, or
+    None when beta = 0. Micro-batches of `micro` groups each run one forward and backward; the loss is normalised
+    by the token and sequence counts of the *global* batch (all micro-batches, all ranks) and multiplied by `world`
+    (DDP averages gradients over ranks), so any split of one global batch over ranks and accumulation steps gives
+    the same gradient. Returns (stats, finite); ratio_err is the largest |log pi - log pi_sampler| over the batch,
+    the trainer's disagreement with the sampler (float error on the first pass)."""
+    G, mask, device = rollout.group_size, rollout.mask, rollout.tokens.device
+    # Every completion holds at least one token (its first, EOS or not): a row without any is one dynamic sampling
+    # took out of the loss, and it leaves the sequence count too.
+    total_tokens, total_seqs = all_sum(mask.sum(), device), all_sum(mask.any(1).sum(), device)
+    parts = micro_batches(len(rollout.prompt_ids), micro)
     # Running sums stay on the device: reading a value to the host each micro-batch would stall the GPU queue.
     zero = torch.zeros((), dtype=torch.float64, device=device)
-    sums, ratio_err = dict.fromkeys(("loss", "kl", "clip_frac", "entropy"), zero), zero
+    sums = dict.fromkeys(("loss", "kl", "clip_frac", "entropy"), zero)
+    ratio_err, ratio_dev = zero, zero
     finite = torch.ones((), dtype=torch.bool, device=device)
-    for epoch in range(mu):
-        for i, s in enumerate(parts):
-            r = slice(s.start * G, s.stop * G)
-            with no_sync_unless_last(scorer, i, len(parts)), autocast(device):
-                logp, ent = logprobs(scorer, s, True)
-                old = logp.detach() if mu == 1 else sampler_logp[r]
-                loss, st = policy_loss(logp, old, None if ref_logp is None else ref_logp[r], advantages[r], mask[r],
-                                       total_tokens=total_tokens, total_seqs=total_seqs, entropy=ent.detach(),
-                                       **loss_options)
-                (loss * world).backward()
-            finite &= torch.isfinite(loss)
-            sums["loss"] = sums["loss"] + loss.detach().double() / mu
-            for k in ("kl", "clip_frac", "entropy"):  # token-weighted means over the global batch
-                sums[k] = sums[k] + st[k].double() * st["tokens"] / total_tokens / mu
-            if epoch == 0:  # how far the trainer's log-probs are from the sampler's: 0 up to float error
-                ratio_err = torch.maximum(ratio_err, torch.where(mask[r], (logp.detach() - sampler_logp[r]).abs(), 0)
-                                          .max().double())
+    for i, s in enumerate(parts):
+        r = slice(s.start * G, s.stop * G)
+        with no_sync_unless_last(scorer, i, len(parts)), autocast(device):
+            logp, ent = scorer(*rollout.micro(s), temperature, True)
+            old = logp.detach() if old_logp is None else old_logp[r]
+            loss, st = policy_loss(logp, old, None if ref_logp is None else ref_logp[r], advantages[r], mask[r],
+                                   total_tokens=total_tokens, total_seqs=total_seqs, entropy=ent.detach(),
+                                   **loss_options)
+            (loss * world).backward()
+        finite &= torch.isfinite(loss)
+        sums["loss"] = sums["loss"] + loss.detach().double()
+        for k in ("kl", "clip_frac", "entropy"):  # token-weighted means over the global batch
+            sums[k] = sums[k] + st[k].double() * st["tokens"] / total_tokens
+        err = torch.where(mask[r], (logp.detach() - rollout.logprobs[r]).abs(), 0).max().double()
+        ratio_err, ratio_dev = torch.maximum(ratio_err, err), torch.maximum(ratio_dev, st["ratio_dev"].double())
     stats = dict(zip(sums, all_sum(torch.stack(list(sums.values())), device).tolist()))
-    return stats | {"ratio_err": float(ratio_err)}, bool(finite)
+    return stats | {"ratio_err": float(ratio_err), "ratio_dev": float(ratio_dev)}, bool(finite)

@@ -122,7 +122,7 @@ def table(rows, gpu_memory_gb):
     lines = [f"{'per GPU':<44} {'GiB':>8}"]
     for name, n in rows.items():
         lines.append(f"{name:<44} {n / GiB:8.2f}")
-    lines.append(f"{f'GPU memory (--gpu_memory_gb), headroom':<44} {gpu_memory_gb:8.2f}  "
+    lines.append(f"{'GPU memory (--gpu_memory_gb), headroom':<44} {gpu_memory_gb:8.2f}  "
                  f"{'fits' if rows['peak'] <= gpu_memory_gb * GiB else 'DOES NOT FIT'}: "
                  f"{gpu_memory_gb - rows['peak'] / GiB:.2f} GiB left")
     return "\n".join(lines)

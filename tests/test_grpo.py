@@ -87,7 +87,7 @@ def test_policy_loss_hand_numbers():
     loss, stats = policy_loss(logp, old, None, adv, mask, beta=0.0)
     close(loss, (-1.2 - 0.9 + 1.6) / 3)
     close(stats["clip_frac"], 2 / 3)  # the 1.5 (A > 0) and the 0.5 (A < 0) are clipped, 0.9 is not
-    close(stats["ratio_err"], 0.5)
+    close(stats["ratio_dev"], 0.5)
     loss.backward()
     # only the unclipped token has a gradient: d(-r A / 3) / d logp = -r A / 3 = -0.3; padding gets exactly 0
     close(logp.grad, [[0.0, -0.3, 0.0], [0.0, 0.0, 0.0]])
@@ -119,10 +119,12 @@ def test_kl_estimators_hand_numbers():
         kl_estimate(logp, ref, "k4")
 
 
-def test_first_pass_ratio_is_one():
-    logp = torch.randn(4, 6, requires_grad=True)
-    loss, stats = policy_loss(logp, logp.detach(), None, torch.randn(4), torch.ones(4, 6, dtype=torch.bool), beta=0)
-    assert stats["ratio_err"] == 0 and stats["clip_frac"] == 0
+def test_kl_clamp_bounds_k3_as_verl():
+    logp = torch.tensor([0.0, 0.0, -30.0])
+    ref = torch.tensor([0.0, 25.0, 0.0])  # d = log(pi_ref / pi): 0, 25 (k3 = e^25 - 26) and 30
+    close(kl_estimate(logp, ref, "k3", clamp=True), [0.0, 10.0, 10.0])  # d clipped to 20, then k3 to 10
+    close(kl_estimate(logp, ref, "k1", clamp=True), [0.0, -20.0, -20.0])
+    assert kl_estimate(logp, ref, "k3")[1] > 1e10  # unclamped, one token dominates any batch
 
 
 def test_global_normaliser_splits_exactly_across_micro_batches():
@@ -273,7 +275,7 @@ def test_eos_is_trained_and_padding_never():
     """A completion's EOS is a trained token (dropping it from the mask changes the gradient); whatever sits in the
     padding after it changes neither the loss nor any gradient."""
     from nanovalor.generate import left_pad
-    from nanovalor.grpo import CompletionLogprobs, update
+    from nanovalor.grpo import CompletionLogprobs, Rollout, update
 
     policy, G, eos = tiny_policy(seed=4).train(), 2, 2
     prompt_ids, prompt_mask = left_pad([[1, 5] + [60] * 4 + [7]])
@@ -283,11 +285,50 @@ def test_eos_is_trained_and_padding_never():
         tokens = torch.tensor([[9, 11, eos, pad, pad], [13, 9, 17, 21, 23]])
         mask = torch.tensor([[True, True, eos_in_mask, False, False], [True] * 5])
         policy.zero_grad()
-        stats, finite = update(CompletionLogprobs(policy), None, pixels, prompt_ids, prompt_mask, tokens, mask,
-                               torch.zeros(2, 5), torch.tensor([1.0, -1.0]), G, micro=1, beta=0.0)
+        rollout = Rollout(pixels, prompt_ids, prompt_mask, tokens, mask, torch.zeros(2, 5), G)
+        stats, finite = update(CompletionLogprobs(policy), rollout, torch.tensor([1.0, -1.0]), micro=1, beta=0.0)
         assert finite
         return stats["loss"], policy.lm_head.weight.grad.clone()
 
     (loss_a, grad_a), (loss_b, grad_b), (_, grad_no_eos) = step(0), step(37), step(0, eos_in_mask=False)
     assert loss_a == loss_b and torch.equal(grad_a, grad_b)  # padding: no effect at all
     assert (grad_a[eos] - grad_no_eos[eos]).abs().max() > 1e-4  # EOS: its own log-prob term is trained
+
+
+def test_mu_passes_are_optimizer_steps_from_a_fixed_pi_old():
+    """mu = 2: pi_old is one no-grad trainer pass before the first update, so the first pass's ratio is 1 to float
+    error (and agrees with the sampler's log-probs); after an optimizer step the second pass's ratio moves off 1 and
+    the clip counts it."""
+    from nanovalor.generate import left_pad, sample
+    from nanovalor.grpo import CompletionLogprobs, Rollout, rollout_logprobs, update
+
+    policy, G = tiny_policy(seed=5).train(), 4
+    prompt_ids, prompt_mask = left_pad([[1, 5] + [60] * 4 + [7], [1] + [60] * 4 + [3, 9]])
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        s = sample(policy, prompt_ids, prompt_mask, pixels, group_size=G, max_new_tokens=6,
+                   generator=torch.Generator().manual_seed(3), eos_token_id=[])
+    rollout = Rollout(pixels, prompt_ids, prompt_mask, s.tokens, s.mask, s.logprobs, G)
+    scorer, adv = CompletionLogprobs(policy), torch.linspace(-1, 1, 2 * G)
+    old = rollout_logprobs(scorer, rollout, micro=1)
+    assert not old.requires_grad and (old - s.logprobs).abs().max() < 1e-5  # the sampler's, to float error
+    optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
+    passes = []
+    for _ in range(2):
+        stats, finite = update(scorer, rollout, adv, micro=1, old_logp=old, beta=0.0, eps_low=0.01, eps_high=0.01)
+        optimizer.step()
+        optimizer.zero_grad()
+        passes.append(stats)
+    assert finite and passes[0]["ratio_dev"] < 1e-5 and passes[0]["clip_frac"] == 0
+    assert passes[1]["ratio_dev"] > 1e-2 and passes[1]["clip_frac"] > 0  # pi moved away from pi_old
+    assert passes[1]["ratio_err"] > 1e-2  # and away from the sampler
+
+
+def test_constant_groups_get_exactly_zero_advantages():
+    # 0.1 three times: its float mean is 0.1 + 1 ulp, which z-scoring would blow up to ~1e-11 instead of 0.
+    r = torch.tensor([[0.1, 0.1, 0.1], [0.1, 0.2, 0.3]])
+    for kind in ("zscore", "mean_only", "rloo", "rank"):
+        assert torch.equal(group_advantages(r, kind)[0], torch.zeros(3)), kind
+    text = torch.tensor([[0.3, 0.5, 0.1], [0.4, 0.4, 0.4]])  # the visual stage's mix: the text term counts too
+    adv = group_advantages(torch.tensor([[0.7, 0.7, 0.7], [0.2, 0.2, 0.2]]), "rank", text, 0.5)
+    assert (adv[0] != 0).any() and torch.equal(adv[1], torch.zeros(3))

@@ -377,9 +377,10 @@ def test_visual_stage_moves_only_the_merger(tmp_path):
     as many image tokens as each image has, G rollouts scored by the frozen expert, one GRPO step: only
     multi_modal_projector (the merger) changes, and it does."""
     import train
-    tiny = dict(out=str(tmp_path), phantom_train=8, phantom_val=4, phantom_test=4, eval_n=2, eval_every=0,
-                max_new_tokens=6, group_size=2, warmup=1)
-    train.main(train.Config(stage="expert", steps=1, batch_size=4, **tiny))  # builds the phantom world and its expert
+    from nanovalor import phantom_expert, phantoms
+    tiny = dict(out=str(tmp_path), eval_n=2, eval_every=0, max_new_tokens=6, group_size=2, warmup=1)
+    phantoms.generate(tmp_path / "phantoms", 8, 4, 4, seed=0, progress=False)  # the phantom world and its expert
+    phantom_expert.train(tmp_path / "phantoms", tmp_path / "expert" / "checkpoint", steps=1, batch_size=4, warmup=1)
     build(tmp_path / "qwen", seed=4)
     train.main(train.Config(stage="visual", model=str(tmp_path / "qwen"), expert=str(tmp_path / "expert" / "checkpoint"),
                             data=str(tmp_path / "phantoms" / "annotation.json"), steps=1, batch_size=2, lr=1e-2, **tiny))

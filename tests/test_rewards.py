@@ -391,12 +391,14 @@ def test_report_files_split_at_newlines_only(tmp_path, odd):
 
 # ---------------------------------------------------------------------------------------------------- CheXbert
 
-def test_chexbert_matches_transformers(tmp_path):
+def tiny_chexbert(folder):
+    """A chexbert.pth of a tiny random BERT in the released layout (`module.`-prefixed, with the pooler), with
+    its vocab.txt beside it: (the HF BertModel, the 14 heads, the vocabulary)."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     words = "no pleural effusion heart size is normal moderate left pneumothorax the lungs are clear".split()
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "."] + words + ["##s"]
-    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
     # Heads of 64 dimensions, as BERT-base (chexbert.pth does not record the head count; we infer hidden / 64).
     cfg = transformers.BertConfig(vocab_size=len(vocab) + 3, hidden_size=128, num_hidden_layers=2,
                                   num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
@@ -404,7 +406,12 @@ def test_chexbert_matches_transformers(tmp_path):
     heads = torch.nn.ModuleList([torch.nn.Linear(128, 4) for _ in range(13)] + [torch.nn.Linear(128, 2)])
     state = {f"module.bert.{k}": v for k, v in bert.state_dict().items()}
     state |= {f"module.linear_heads.{k}": v for k, v in heads.state_dict().items()}
-    torch.save({"model_state_dict": state, "epoch": 3}, tmp_path / "chexbert.pth")
+    torch.save({"model_state_dict": state, "epoch": 3}, folder / "chexbert.pth")
+    return bert, heads, vocab
+
+
+def test_chexbert_matches_transformers(tmp_path):
+    bert, heads, vocab = tiny_chexbert(tmp_path)
     model = load_chexbert(tmp_path / "chexbert.pth", tmp_path)
     assert isinstance(model, CheXbert)
 
