@@ -1,12 +1,18 @@
-"""The README's results: VALOR's stages on the phantom world over several seeds, mean +- std on the test split.
+"""The README's results: VALOR's stages on the phantom world over several seeds, mean +- std on the test split, with
+the visual stage's controls (phantom-only): its reward from the phantom expert, from an oracle (the labels our
+labeler reads from a report against the study's true findings: the best any expert could judge) and from a null
+expert (the phantom expert shown another study's X-ray: no information).
 
-    python bench/phantom_results.py --seeds 0 1 2 --out runs      # ~12 minutes a seed on 2 CPU cores
+    python bench/phantom_results.py --seeds 0 1 2 --out runs          # ~25 minutes a seed on 2 CPU cores
+    python bench/phantom_results.py --seeds 0 1 2 --out runs \\
+        --variant "oracle, lr 3e-4=--expert=oracle --lr=3e-4"         # more visual-stage variants: NAME=FLAGS
 
 For each seed: `train.py --stage text` (which builds the phantom world, the phantom expert and the SFT warm start
-with that seed), then `--stage visual`, then `eval.py` on the three checkpoints (SFT, + text, + text + visual) with
-that seed's expert; the per-seed JSON lands in runs/seed<S>/eval.json and a results row per checkpoint in
-runs/results.jsonl. Prints one markdown table: every metric as mean +- std over the seeds. Existing checkpoints are
-reused (delete a seed's folder to rerun it).
+with that seed), then `--stage visual` from the text checkpoint once per variant (each in runs/seed<S>/<variant>),
+then `eval.py` on every checkpoint with that seed's expert; the per-seed JSON lands in runs/seed<S>/eval.json and a
+results row per checkpoint in runs/results.jsonl. Prints one markdown table: every metric as mean +- std over the
+seeds. Existing checkpoints are reused (delete a folder to rerun it). `bench/plot_visual.py runs` draws the visual
+stage's reward and hallucination curves.
 """
 import argparse
 import json
@@ -20,26 +26,44 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from nanovalor.evaluation import METRICS, table  # noqa: E402
 
+VARIANTS = {"+ text + visual (expert)": "", "+ text + visual (oracle)": "--expert=oracle",
+            "+ text + visual (null)": "--expert=null"}
+
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
 parser.add_argument("--out", default="runs")
+parser.add_argument("--variant", action="append", default=[], help="NAME=FLAGS: another visual-stage run")
+parser.add_argument("--only", action="store_true", help="run the --variant runs only, not the three controls")
 args = parser.parse_args()
+variants = {} if args.only else dict(VARIANTS)
+variants.update(dict(v.split("=", 1) for v in args.variant))
+
+
+def folder_name(name):
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
 
 out = Path(args.out)
 runs = {}
 for seed in args.seeds:
     folder = out / f"seed{seed}"
-    for stage in ("text", "visual"):
-        if not (folder / stage / "checkpoint").exists():
-            subprocess.run([sys.executable, str(ROOT / "train.py"), f"--stage={stage}", f"--seed={seed}",
-                            f"--out={folder}"], check=True)
-    models = [str(folder / stage / "checkpoint") for stage in ("sft", "text", "visual")]
-    subprocess.run([sys.executable, str(ROOT / "eval.py"), *[f"--model={m}" for m in models], "--split=test",
-                    f"--data={folder / 'phantoms' / 'annotation.json'}", f"--json={folder / 'eval.json'}",
-                    f"--results={out / 'results.jsonl'}"], check=True)
+    train = [sys.executable, str(ROOT / "train.py"), f"--seed={seed}"]
+    if not (folder / "text" / "checkpoint").exists():
+        subprocess.run(train + ["--stage=text", f"--out={folder}"], check=True)
+    models = {"SFT": folder / "sft" / "checkpoint", "+ text": folder / "text" / "checkpoint"}
+    for name, flags in variants.items():
+        run = folder / folder_name(name)
+        if not (run / "visual" / "checkpoint").exists():
+            subprocess.run(train + ["--stage=visual", f"--out={run}", f"--model={models['+ text']}",
+                                    f"--data={folder / 'phantoms' / 'annotation.json'}",
+                                    f"--expert={folder / 'expert' / 'checkpoint'}", *flags.split()], check=True)
+        models[name] = run / "visual" / "checkpoint"
+    subprocess.run([sys.executable, str(ROOT / "eval.py"), *[f"--model={m}" for m in models.values()],
+                    "--split=test", f"--data={folder / 'phantoms' / 'annotation.json'}",
+                    f"--json={folder / 'eval.json'}", f"--results={out / 'results.jsonl'}"], check=True)
     record = json.loads((folder / "eval.json").read_text())
-    for name, stage in zip(models, ("SFT", "+ text", "+ text + visual")):
-        runs.setdefault(stage, []).append(record["models"][name]["metrics"])
+    for name, model in models.items():
+        runs.setdefault(name, []).append(record["models"][str(model)]["metrics"])
 
 cells = {}  # stage -> {metric every seed has: "mean ± std"}
 for stage, ms in runs.items():
