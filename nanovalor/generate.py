@@ -13,11 +13,11 @@ group costs one prefill and one prefix read per step, not G. Every row stops at 
 all rows have stopped or after max_new_tokens.
 
 Log-probs: each sampled token's log-prob is log softmax(logits / T)[token] over the whole vocabulary, in fp32 (on
-bf16 weights the LM head is applied in fp32, as logprobs.token_logprobs does): what the trainer computes for the
-same token, so GRPO's first-pass ratio is 1 (to 1e-5 in fp32; on bf16 weights the cached and the full forward
-round differently, to bf16 precision). top_k / top_p (and the ban on the image placeholder token, whose
-embedding slot only image features may fill) restrict which tokens can be drawn; the recorded log-prob stays
-the unrestricted one, so with top_p < 1 or top_k > 0 rollouts are slightly off-policy (the usual GRPO setting
+bf16 weights, and under bf16 autocast, the LM head is applied in fp32, as logprobs.token_logprobs does): what the
+trainer computes for the same token, so GRPO's first-pass ratio is 1 (to 1e-5 in fp32; on bf16 weights the cached
+and the full forward round differently, to bf16 precision). top_k / top_p (and the ban on the image placeholder
+token, whose embedding slot only image features may fill) restrict which tokens can be drawn; the recorded log-prob
+stays the unrestricted one, so with top_p < 1 or top_k > 0 rollouts are slightly off-policy (the usual GRPO setting
 is T = 1, top_p = 1, top_k = 0). Greedy (temperature 0) records log-probs at T = 1.
 
 `sample_naive` runs the whole sequence through the model at every step (no cache, no sharing, the prompt
@@ -277,16 +277,27 @@ def uniform_noise(shape, generator, device):
     return torch.rand(shape, generator=generator, device=device)
 
 
+def head_logits(h, w32):
+    """Final hidden states (N, D) -> fp32 logits (N, V) with the fp32 head weight w32 (V, D). Autocast is off: under
+    bf16 autocast (train.py samples under it on CUDA) the matmul would run, and round the logits, in bf16, while the
+    trainer's fused op (logprobs.py) uses fp32; the log-probs would then differ by ~2e-2 instead of ~1e-6."""
+    with torch.autocast(h.device.type, enabled=False):
+        return h.float() @ w32.T
+
+
 def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, banned=None):
-    """logits (N, V) fp32 -> tokens (N,), log-probs (N,) (see the module docstring for what they are)."""
-    logp = F.log_softmax(logits / (temperature if temperature > 0 else 1.0), dim=-1)  # (N, V)
-    scores = logp if banned is None else logp.index_fill(1, banned, float("-inf"))
-    if temperature > 0:
-        # Gumbel-max: argmax_i (log p_i + g_i), g_i = -log(-log U_i), picks i with probability p_i / sum(p) over
-        # the kept tokens; no normalisation or GPU sync needed (uniforms: 5x cheaper than exponential_ on CPU).
-        scores = filter_logits(scores, top_k, top_p) - (-uniform_noise(scores.shape, generator, scores.device).log()).log()
-    tokens = scores.argmax(-1)
-    return tokens, logp.gather(1, tokens[:, None])[:, 0]
+    """logits (N, V) fp32 -> tokens (N,), log-probs (N,) (see the module docstring for what they are); fp32 even
+    under autocast."""
+    with torch.autocast(logits.device.type, enabled=False):
+        logp = F.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), dim=-1)  # (N, V)
+        scores = logp if banned is None else logp.index_fill(1, banned, float("-inf"))
+        if temperature > 0:
+            # Gumbel-max: argmax_i (log p_i + g_i), g_i = -log(-log U_i), picks i with probability p_i / sum(p) over
+            # the kept tokens; no normalisation or GPU sync needed (uniforms: 5x cheaper than exponential_ on CPU).
+            noise = uniform_noise(scores.shape, generator, scores.device)
+            scores = filter_logits(scores, top_k, top_p) - (-noise.log()).log()
+        tokens = scores.argmax(-1)
+        return tokens, logp.gather(1, tokens[:, None])[:, 0]
 
 
 def _prepare(model, input_ids, attention_mask, eos_token_id, max_new_tokens):
@@ -339,7 +350,7 @@ def sample(model, input_ids, attention_mask=None, pixel_values=None, image_embed
     prefix = KVCache(model.cfg.text, B, T, weight.dtype, input_ids.device)
     h = model.hidden_states(input_ids, image_embeds=image_embeds, attention_mask=attention_mask, cache=prefix)
     w32 = weight.float()  # (V, D); no copy in fp32
-    logits = (h[:, -1].float() @ w32.T).repeat_interleave(G, 0)  # (B*G, V): one prefill per group
+    logits = head_logits(h[:, -1], w32).repeat_interleave(G, 0)  # (B*G, V): one prefill per group
     cache = GroupKVCache(prefix, G, max_new_tokens)
     mask = attention_mask.repeat_interleave(G, 0)  # (B*G, T)
     rec = _Recorder(B * G, eos, pad_token_id, input_ids.device)
@@ -349,7 +360,7 @@ def sample(model, input_ids, attention_mask=None, pixel_values=None, image_embed
             break
         mask = torch.cat([mask, mask.new_ones(B * G, 1)], 1)  # (B*G, T + step + 1)
         h = model.hidden_states(tokens[:, None], attention_mask=mask, cache=cache)  # (B*G, 1, D)
-        logits = h[:, -1].float() @ w32.T  # (B*G, V)
+        logits = head_logits(h[:, -1], w32)  # (B*G, V)
     return rec.result()
 
 
@@ -367,7 +378,7 @@ def sample_naive(model, input_ids, attention_mask=None, pixel_values=None, image
     rec = _Recorder(ids.shape[0], eos, pad_token_id, ids.device)
     for _ in range(max_new_tokens):
         h = model.hidden_states(ids, pixel_values, image_embeds, mask)  # (B*G, T + step, D)
-        logits = h[:, -1].float() @ w32.T  # (B*G, V)
+        logits = head_logits(h[:, -1], w32)  # (B*G, V)
         tokens = rec.add(*sample_token(logits, temperature, top_k, top_p, generator, banned))
         if rec.done.all():
             break

@@ -277,3 +277,28 @@ def test_bfloat16_weights_sample_with_fp32_logprobs(models, tmp_path):
     logits = hidden[:, ids.shape[1] - 1:-1].float() @ ours.lm_head.weight.float().T
     teacher = F.log_softmax(logits, -1).gather(2, out.tokens[..., None])[..., 0]
     torch.testing.assert_close(out.logprobs, teacher, rtol=0, atol=0.1)
+
+
+def test_lm_head_runs_in_fp32_under_bf16_autocast(models):
+    """Under bf16 autocast (how train.py samples on CUDA) the LM head and the draw stay fp32, as the trainer's fused
+    op: the recorded log-probs equal token_logprobs of the very hidden states the sampler produced (captured at the
+    final norm), not a bf16 rounding of them (0.02 off before the fix)."""
+    from nanovalor.logprobs import token_logprobs
+
+    _, ours = models["clip_llama"]
+    ids, mask, pixels = prompts()
+    G, N = 3, 6
+    seen = []
+    hook = ours.language_model.norm.register_forward_hook(lambda m, i, out: seen.append(out[:, -1]))
+    try:
+        with torch.autocast("cpu", torch.bfloat16):
+            out = sample(ours, ids, mask, pixels, group_size=G, max_new_tokens=N, eos_token_id=[],
+                         generator=torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    # seen: the prefill's last positions (B, D), then one (B*G, D) per decode step; row r, step s -> hidden[s, r]
+    hidden = torch.stack([seen[0].repeat_interleave(G, 0)] + seen[1:], 1)  # (B*G, N, D)
+    assert hidden.shape[:2] == out.tokens.shape and hidden.dtype == torch.float32
+    fused = token_logprobs(hidden.flatten(0, 1), ours.lm_head.weight, out.tokens.flatten()).view_as(out.logprobs)
+    assert out.logprobs.dtype == torch.float32
+    torch.testing.assert_close(out.logprobs, fused, rtol=0, atol=1e-5)
