@@ -92,6 +92,36 @@ def test_cached_group_sampler_equals_naive_under_sampling(models):
     assert torch.equal(again.tokens, cached.tokens) and not torch.equal(other.tokens, cached.tokens)
 
 
+def test_rows_that_stop_leave_the_decode_batch_and_change_no_other_row(models):
+    """Sampling (T = 1, a generator per group) with EOS tokens that end rows at different steps: finished rows leave
+    the decode batch (the decoder sees fewer rows), yet every row's tokens are those of the naive sampler and, up to
+    its EOS, those of a run where no row stops (a row's draws do not depend on which others are still running)."""
+    _, ours = models["siglip_qwen2"]
+    ids, mask, pixels = prompts(((3, 9), (2, 4), (1, 1)))
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (20, 21, 22)]
+    kw = dict(group_size=4, max_new_tokens=12, temperature=1.0, pad_token_id=7)
+    free = sample(ours, ids, mask, pixels, generator=gens(), eos_token_id=[], **kw).tokens.tolist()
+    # EOS := the tokens that rows 0..5 drew at steps 1..6 (rows 6..11 run on unless they draw one of them too)
+    eos = sorted({free[row][row + 1] for row in range(6)})
+    stops = [_first(row, eos) for row in free]
+    assert len(set(stops)) >= 4  # rows stop at several different steps, some not at all
+    batch_sizes = []
+    hook = ours.language_model.register_forward_hook(lambda m, i, o: batch_sizes.append(i[0].shape[0]))
+    try:
+        cached = sample(ours, ids, mask, pixels, generator=gens(), eos_token_id=eos, **kw)
+    finally:
+        hook.remove()
+    naive = sample_naive(ours, ids, mask, pixels, generator=gens(), eos_token_id=eos, **kw)
+    assert torch.equal(cached.tokens, naive.tokens) and torch.equal(cached.mask, naive.mask)
+    torch.testing.assert_close(cached.logprobs, naive.logprobs, rtol=0, atol=1e-5)
+    running = [sum(1 for s in stops if s is None or s >= step) for step in range(cached.tokens.shape[1])]
+    assert batch_sizes == [3] + running[1:]  # the prefill (3 prompts), then the rows still running at each step
+    for row, stop in enumerate(stops):
+        n = cached.tokens.shape[1] if stop is None else stop + 1
+        assert cached.tokens[row, :n].tolist() == free[row][:n] and cached.mask[row].sum() == n
+        assert (cached.tokens[row, n:] == 7).all() and (cached.logprobs[row, n:] == 0).all()
+
+
 def test_one_generator_per_group_makes_a_group_independent_of_its_batch(models):
     """With a generator per prompt, a group's samples are the same whether its prompt is sampled alone or beside
     others (what lets DDP runs on any number of ranks draw the same rollouts)."""
