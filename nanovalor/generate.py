@@ -220,7 +220,7 @@ class GroupKVCache:
             own_k[:, :, s:], own_v[:, :, s:] = k, v
             return shared_prefix_attention(q, self.prefix_k[layer], self.prefix_v[layer], own_k, own_v, mask)
         rows, BG = self.rows, own_k.shape[0]
-        own_k[rows, :, s], own_v[rows, :, s] = k[:, :, 0], v[:, :, 0]
+        own_k[rows, :, s], own_v[rows, :, s] = k[:, :, 0].to(own_k.dtype), v[:, :, 0].to(own_v.dtype)  # autocast
         q = q.new_zeros((BG,) + q.shape[1:]).index_copy_(0, rows, q)  # (B*G, H, 1, hd)
         mask = mask.new_ones((BG,) + mask.shape[1:]).index_copy_(0, rows, mask)  # no row without a key
         return shared_prefix_attention(q, self.prefix_k[layer], self.prefix_v[layer], own_k, own_v, mask)[rows]

@@ -332,3 +332,11 @@ def test_lm_head_runs_in_fp32_under_bf16_autocast(models):
     fused = token_logprobs(hidden.flatten(0, 1), ours.lm_head.weight, out.tokens.flatten()).view_as(out.logprobs)
     assert out.logprobs.dtype == torch.float32
     torch.testing.assert_close(out.logprobs, fused, rtol=0, atol=1e-5)
+    # rows that stop leave the batch under autocast too (bf16 keys and values go into the fp32 cache)
+    eos = sorted({t for row in out.tokens[:, 1:4].tolist() for t in row})[:4]
+    with torch.autocast("cpu", torch.bfloat16):
+        stopped = sample(ours, ids, mask, pixels, group_size=G, max_new_tokens=N, eos_token_id=eos,
+                         generator=torch.Generator().manual_seed(0))
+    n = stopped.mask.shape[1]
+    assert not stopped.mask.all()
+    assert torch.equal(stopped.tokens[stopped.mask], out.tokens[:, :n][stopped.mask])  # the same draws up to EOS
