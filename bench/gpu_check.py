@@ -46,6 +46,8 @@ args = parser.parse_args()
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if device.type == "cpu" and not args.tiny:
     raise SystemExit("no CUDA device: run with --tiny to check the plumbing on CPU")
+if device.type == "cpu":
+    torch.set_num_threads(1)  # tiny tensors: more threads only wait on each other (and on a busy machine, a lot)
 if args.tiny:
     vision = VisionConfig(image_size=28, patch_size=14, hidden_size=32, intermediate_size=64, num_layers=2,
                           num_heads=2)

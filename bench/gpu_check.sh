@@ -7,11 +7,11 @@
 #
 # Pieces, each under its own time limit (they add up to 8 minutes); one that fails does not stop the others:
 #   1. pytest tests/test_logprobs.py       the fused log-prob op's tests: the compiled Triton kernel on CUDA tensors
-#   2. python bench/logprobs.py --skip-cpu  its GPU tables at N = 16384, d = 2048, V = 32000 and 151936, bf16.
+#   2. python bench/gpu_check.py            a random 0.58B LLaVA under bf16 autocast: the sampler's vs the
+#                                           trainer's log-probs, then a few GRPO steps with a tokens/s line
+#   3. python bench/logprobs.py --skip-cpu  its GPU tables at N = 16384, d = 2048, V = 32000 and 151936, bf16.
 #                                           Targets: <= 1.0x eager time, <= 2 % of eager's memory, >= 450 TFLOP/s
 #                                           effective at V = 151,936
-#   3. python bench/gpu_check.py            a random 0.58B LLaVA under bf16 autocast: the sampler's vs the
-#                                           trainer's log-probs, then a few GRPO steps with a tokens/s line
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -31,7 +31,7 @@ else
 fi
 
 ROWS=""
-FAILED=0
+FAILED=""
 piece() {  # piece NAME SECONDS ARGS...: "$PY" ARGS under a time limit, logged to $LOGS/NAME.log; adds a table row
   local name=$1 limit=$2 start rc status
   shift 2
@@ -40,15 +40,18 @@ piece() {  # piece NAME SECONDS ARGS...: "$PY" ARGS under a time limit, logged t
   rc=$?
   if [ $rc = 0 ]; then status="ok"; elif [ $rc = 124 ] || [ $rc = 137 ]; then status="TIMED OUT (${limit} s)";
   else status="FAILED (exit $rc)"; fi
-  [ $rc = 0 ] || FAILED=1
-  ROWS+="| \`python $*\` | $status | $(( $(date +%s) - start )) |"$'\n'
+  [ $rc = 0 ] || FAILED+=" $name"
+  local shown="python" arg
+  for arg in "$@"; do [[ $arg == *" "* ]] && shown+=" \"$arg\"" || shown+=" $arg"; done
+  ROWS+="| \`$shown\` | $status | $(( $(date +%s) - start )) |"$'\n'
   echo "[$(date +%T)] $name: $status" >&2
 }
 
 echo "[$(date +%T)] GPU check, logs in $LOGS" >&2
-piece pytest_logprobs 90 -m pytest -q -p no:cacheprovider tests/test_logprobs.py ${TESTS[@]+"${TESTS[@]}"}
-piece bench_logprobs 270 bench/logprobs.py --skip-cpu
+# the longest piece last: if it runs out of time, what it printed so far (its tables come before its tile sweep) stays
+piece pytest_logprobs 120 -m pytest -q -p no:cacheprovider tests/test_logprobs.py ${TESTS[@]+"${TESTS[@]}"}
 piece gpu_check 120 bench/gpu_check.py ${MODEL[@]+"${MODEL[@]}"}
+piece bench_logprobs 240 bench/logprobs.py --skip-cpu
 
 {
   echo "## GPU check ($(date -u +%F), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown))"
@@ -66,10 +69,15 @@ piece gpu_check 120 bench/gpu_check.py ${MODEL[@]+"${MODEL[@]}"}
   echo
   echo "pytest: $(tail -n 1 "$LOGS/pytest_logprobs.log")"
   echo
+  echo "bench/gpu_check.py:"
+  { grep -E '^(# |RESULT|\|)' "$LOGS/gpu_check.log" || echo "(no results)"; } | sed 's/^RESULT /- /'
+  echo
   echo "bench/logprobs.py (targets: ours <= 1.0x eager time, <= 2 % of its memory, >= 450 TFLOP/s at V = 151936):"
   grep -E '^(GPU:|N=|bf16 accuracy|tile sweep|\||no CUDA|liger)' "$LOGS/bench_logprobs.log" || echo "(no table)"
-  echo
-  echo "bench/gpu_check.py:"
-  grep -E '^(# |RESULT|\|)' "$LOGS/gpu_check.log" | sed 's/^RESULT /- /' || echo "(no results)"
+  for name in $FAILED; do  # what went wrong, where a piece did not end well
+    echo
+    echo "$name.log, last lines:"
+    tail -n 25 "$LOGS/$name.log"
+  done
 } | tee "$LOGS/gpu_check.md"
-exit $FAILED
+[ -z "$FAILED" ]
