@@ -118,7 +118,7 @@ for name, (recorded, recomputed, valid) in errors.items():
 del out, bf16_out, fp32_out, hidden, seen, head, trainer_bf16, trainer_fp32
 
 # ----------------------------------------------------------------------------- 2. GRPO steps
-reference = grpo.reference_model(model)  # copies what trains (projector, decoder, head), shares the frozen ViT
+reference = grpo.reference_model(model)  # a copy of what trains (projector, decoder, head), swapped in for KL
 scorer = grpo.CompletionLogprobs(model)
 params = [p for p in model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0)

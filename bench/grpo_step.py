@@ -227,7 +227,7 @@ def worker_ours(args, folder, prompts):
     B, G, N = args.prompts, args.group, args.new_tokens
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     model = load_ours(folder, args.image_tokens)
-    reference = reference_model(model)  # copies what trains, shares the frozen ViT
+    reference = reference_model(model)  # the starting weights of what trains, swapped in for the KL pass
     scorer = CompletionLogprobs(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
