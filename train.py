@@ -149,7 +149,7 @@ def check(cfg, world):
     if cfg.expert in ("oracle", "null") and cfg.stage != "visual":
         problems.append(f"--expert={cfg.expert} is a control of the visual stage's reward (phantom world only)")
     if cfg.stage == "visual" and not cfg.expert:
-        problems.append("the visual stage needs --expert, e.g. microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224")
+        problems.append("the visual stage needs --expert (microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224)")
     try:
         weights = parse_weights(cfg.rewards)
         if "chexbert" in weights and not cfg.chexbert:
@@ -391,10 +391,7 @@ def grpo_step(r, batch, step):
     # before the first pass.
     rollout = grpo.Rollout(pixels, prompt_ids, prompt_mask, samples.tokens, mask, samples.logprobs, G)
     adv = adv.flatten().to(device)  # (B*G,)
-    ref_logp = None
-    if r.reference is not None:  # the stage's starting weights swapped in for this pass (grpo.reference_model)
-        with r.reference(r.wrapped):
-            ref_logp = grpo.rollout_logprobs(r.wrapped, rollout, r.micro, cfg.temperature)
+    ref_logp = grpo.reference_logprobs(r.reference, r.wrapped, rollout, r.micro, cfg.temperature)
     old_logp = grpo.rollout_logprobs(r.wrapped, rollout, r.micro, cfg.temperature) if cfg.mu > 1 else None
     for k in range(cfg.mu):
         update, finite = grpo.update(r.wrapped, rollout, adv, r.micro, r.world, cfg.temperature, old_logp, ref_logp,

@@ -91,7 +91,8 @@ def worker_ours(args, folder):
 
     from nanovalor.data import load_image, preprocess, read_preprocessor_config
     from nanovalor.generate import decode_completions, encode_prompts, sample
-    from nanovalor.grpo import CompletionLogprobs, group_advantages, reference_model, update
+    from nanovalor.grpo import (CompletionLogprobs, Rollout, group_advantages, reference_logprobs, reference_model,
+                                update)
     from nanovalor.policy import load
 
     B, G, N = args.prompts, args.group, args.new_tokens
@@ -117,8 +118,10 @@ def worker_ours(args, folder):
         samples = sample(model, ids, mask, images, group_size=G, max_new_tokens=N, generator=generator)
         texts = decode_completions(tok, samples)
         advantages = group_advantages(torch.tensor([reward(t) for t in texts]).view(B, G), "zscore").flatten()
-        update(scorer, reference, images, ids, mask, samples.tokens, samples.mask, samples.logprobs, advantages, G,
-               micro=B, beta=args.beta, eps_low=0.2, eps_high=0.2, agg="token_mean")
+        rollout = Rollout(images, ids, mask, samples.tokens, samples.mask, samples.logprobs, G)
+        ref_logp = reference_logprobs(reference, scorer, rollout, micro=B)  # the starting weights swapped in
+        update(scorer, rollout, advantages, micro=B, ref_logp=ref_logp, beta=args.beta, eps_low=0.2, eps_high=0.2,
+               agg="token_mean")
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -27,8 +27,8 @@ from safetensors.torch import save_file
 
 from nanovalor.checkpoint import atomic_folder
 from nanovalor.data import ImageProcessing, load_image, preprocess, read_preprocessor_config
-from nanovalor.bert import (Bert, BertConfig, bert_config_from_state, count_layers, finish_tokenizer, load_bert_tokenizer,
-                            tokenize)
+from nanovalor.bert import (Bert, BertConfig, bert_config_from_state, count_layers, finish_tokenizer,
+                            load_bert_tokenizer, tokenize)
 from nanovalor.decoder import attention_mask_4d
 from nanovalor.vit import VisionConfig, VisionEncoder, VisionTower, vision_config_from_hf
 from nanovalor.weights import checkpoint_files, load_checked, read_checkpoint, read_tokenizer, read_weights, resolve

@@ -9,21 +9,23 @@
 
 Group mode: each image goes through the ViT once, image + prompt are prefilled once per prompt, and the G rows
 of a group then share that prefix's keys and values (GroupKVCache: stored once, read once per group), so a
-group costs one prefill and one prefix read per step, not G. Every row stops at its own EOS; the loop ends when
-all rows have stopped or after max_new_tokens.
+group costs one prefill and one prefix read per step, not G. Every row stops at its own EOS and then leaves the
+decode batch (the decoder runs on the rows still going); the loop ends when all rows have stopped or after
+max_new_tokens.
 
 Log-probs: each sampled token's log-prob is log softmax(logits / T)[token] over the whole vocabulary, in fp32 (on
-bf16 weights the LM head is applied in fp32, as logprobs.token_logprobs does): what the trainer computes for the
-same token, so GRPO's first-pass ratio is 1 (to 1e-5 in fp32; on bf16 weights the cached and the full forward
-round differently, to bf16 precision). top_k / top_p (and the ban on the image placeholder token, whose
-embedding slot only image features may fill) restrict which tokens can be drawn; the recorded log-prob stays
-the unrestricted one, so with top_p < 1 or top_k > 0 rollouts are slightly off-policy (the usual GRPO setting
+bf16 weights, and under bf16 autocast, the LM head is applied in fp32, as logprobs.token_logprobs does): what the
+trainer computes for the same token, so GRPO's first-pass ratio is 1 (to 1e-5 in fp32; on bf16 weights the cached
+and the full forward round differently, to bf16 precision). top_k / top_p (and the ban on the image placeholder
+token, whose embedding slot only image features may fill) restrict which tokens can be drawn; the recorded log-prob
+stays the unrestricted one, so with top_p < 1 or top_k > 0 rollouts are slightly off-policy (the usual GRPO setting
 is T = 1, top_p = 1, top_k = 0). Greedy (temperature 0) records log-probs at T = 1.
 
 `sample_naive` runs the whole sequence through the model at every step (no cache, no sharing, the prompt
 repeated G times up front); it draws random numbers in the same order, so with the same generator both samplers
 give the same tokens. Speed: `python bench/sample.py`.
 """
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -187,7 +189,12 @@ class KVCache:
 class GroupKVCache:
     """The cache of G samples per prompt after one prefill per prompt. The prompt's keys and values (B rows) are
     kept once and read by all G rows of its group (shared_prefix_attention); each row's own tokens go to a
-    (B*G)-row suffix. One new token per step."""
+    (B*G)-row suffix. One new token per step.
+
+    Rows that have finished leave the decode batch: `rows` (n,) lists the B*G-row indices that the decoder still
+    feeds (None: all of them). Every per-row matmul of the decoder then runs on n rows only; attention places the
+    n queries back into their group's slots (finished rows attend with zero queries, and their outputs are
+    dropped), so each group still reads its prompt once."""
 
     def __init__(self, prefix: KVCache, G, capacity):
         self.prefix_k = [k[:, :, :prefix.length] for k in prefix.k]  # (B, H_kv, T, hd) each
@@ -197,15 +204,26 @@ class GroupKVCache:
         self.v = [v.new_zeros(B * G, H, capacity, hd) for v in prefix.v]
         self.prompt_length = self.length = prefix.length
         deltas = prefix.rope_deltas  # Qwen2.5-VL: one per row, each prompt's for its G rows
-        self.rope_deltas = None if deltas is None else deltas.repeat_interleave(G)
+        self.row_deltas = None if deltas is None else deltas.repeat_interleave(G)  # (B*G,)
+        self.rows = None
 
-    def attend(self, layer, q, k, v, mask):  # q (B*G, H, 1, hd); k, v (B*G, H_kv, 1, hd); mask (B*G, 1, 1, T+s+1)
+    @property
+    def rope_deltas(self):  # Qwen2.5-VL's M-RoPE offsets of the rows the decoder is fed: (n,)
+        return self.row_deltas if self.row_deltas is None or self.rows is None else self.row_deltas[self.rows]
+
+    def attend(self, layer, q, k, v, mask):  # q (n, H, 1, hd); k, v (n, H_kv, 1, hd); mask (n, 1, 1, T+s+1)
         s = self.length - self.prompt_length
         if q.shape[2] != 1 or s >= self.k[layer].shape[2]:
             raise ValueError(f"GroupKVCache takes one token per step within its capacity (t={q.shape[2]}, step {s})")
-        self.k[layer][:, :, s:s + 1], self.v[layer][:, :, s:s + 1] = k, v
-        return shared_prefix_attention(q, self.prefix_k[layer], self.prefix_v[layer], self.k[layer][:, :, :s + 1],
-                                       self.v[layer][:, :, :s + 1], mask)
+        own_k, own_v = self.k[layer][:, :, :s + 1], self.v[layer][:, :, :s + 1]  # (B*G, H_kv, s + 1, hd)
+        if self.rows is None:
+            own_k[:, :, s:], own_v[:, :, s:] = k, v
+            return shared_prefix_attention(q, self.prefix_k[layer], self.prefix_v[layer], own_k, own_v, mask)
+        rows, BG = self.rows, own_k.shape[0]
+        own_k[rows, :, s], own_v[rows, :, s] = k[:, :, 0].to(own_k.dtype), v[:, :, 0].to(own_v.dtype)  # autocast
+        q = q.new_zeros((BG,) + q.shape[1:]).index_copy_(0, rows, q)  # (B*G, H, 1, hd)
+        mask = mask.new_ones((BG,) + mask.shape[1:]).index_copy_(0, rows, mask)  # no row without a key
+        return shared_prefix_attention(q, self.prefix_k[layer], self.prefix_v[layer], own_k, own_v, mask)[rows]
 
 
 def shared_prefix_attention(q, prefix_k, prefix_v, own_k, own_v, mask):
@@ -225,7 +243,7 @@ def shared_prefix_attention(q, prefix_k, prefix_v, own_k, own_v, mask):
     scores = torch.cat([ungroup(group(q) @ prefix_k.transpose(2, 3)), q @ own_k.transpose(2, 3)], -1)
     scores = scores.float().view(BG, H_kv, r, T, Tp + own_k.shape[2]) * hd ** -0.5  # (B*G, H_kv, r, T, Tp + S)
     if mask is not None:
-        scores = scores.masked_fill(~mask[:, :, None], float("-inf"))  # the same mask for the r heads
+        scores = torch.where(mask[:, :, None], scores, float("-inf"))  # the same mask for the r heads
     probs = scores.softmax(-1).to(q.dtype).view(BG, H_kv, r * T, -1)
     y = ungroup(group(probs[..., :Tp]) @ prefix_v) + probs[..., Tp:] @ own_v  # (B*G, H_kv, r*T, hd)
     return y.reshape(BG, H, T, hd)
@@ -272,21 +290,38 @@ def uniform_noise(shape, generator, device):
     consecutive rows: a group's draws then depend only on its own generator, not on which other prompts share the
     batch, so a GRPO step samples the same rollouts on any number of ranks or micro-batches."""
     if isinstance(generator, (list, tuple)):
-        rows = shape[0] // len(generator)
-        return torch.cat([torch.rand((rows, shape[1]), generator=g, device=device) for g in generator])
+        out, rows = torch.empty(shape, device=device), shape[0] // len(generator)
+        for i, g in enumerate(generator):  # each into its own rows (no concatenation): the same numbers
+            torch.rand((rows, shape[1]), generator=g, device=device, out=out[i * rows:(i + 1) * rows])
+        return out
     return torch.rand(shape, generator=generator, device=device)
 
 
-def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, banned=None):
-    """logits (N, V) fp32 -> tokens (N,), log-probs (N,) (see the module docstring for what they are)."""
-    logp = F.log_softmax(logits / (temperature if temperature > 0 else 1.0), dim=-1)  # (N, V)
-    scores = logp if banned is None else logp.index_fill(1, banned, float("-inf"))
-    if temperature > 0:
-        # Gumbel-max: argmax_i (log p_i + g_i), g_i = -log(-log U_i), picks i with probability p_i / sum(p) over
-        # the kept tokens; no normalisation or GPU sync needed (uniforms: 5x cheaper than exponential_ on CPU).
-        scores = filter_logits(scores, top_k, top_p) - (-uniform_noise(scores.shape, generator, scores.device).log()).log()
-    tokens = scores.argmax(-1)
-    return tokens, logp.gather(1, tokens[:, None])[:, 0]
+def head_logits(h, w32):
+    """Final hidden states (N, D) -> fp32 logits (N, V) with the fp32 head weight w32 (V, D). Autocast is off: under
+    bf16 autocast (train.py samples under it on CUDA) the matmul would run, and round the logits, in bf16, while the
+    trainer's fused op (logprobs.py) uses fp32; the log-probs would then differ by ~2e-2 instead of ~1e-6."""
+    with torch.autocast(h.device.type, enabled=False):
+        return h.float() @ w32.T
+
+
+def sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, banned=None, noise=None):
+    """logits (N, V) fp32 -> tokens (N,), log-probs (N,) (see the module docstring for what they are); fp32 even
+    under autocast. noise: the U(0, 1) draws (N, V) to use, by default drawn from `generator` (uniform_noise)."""
+    with torch.autocast(logits.device.type, enabled=False):
+        logits = logits.float() if temperature in (0, 1) else logits.float() / temperature
+        logp = F.log_softmax(logits, dim=-1)  # (N, V)
+        ban_first = banned is not None and (top_k > 0 or top_p < 1.0 or temperature <= 0)  # before top-k / p / argmax
+        scores = logp.index_fill(1, banned, -math.inf) if ban_first else logp
+        if temperature > 0:
+            # Gumbel-max: argmax_i (log p_i + g_i), g_i = -log(-log U_i), picks i with probability p_i / sum(p) over
+            # the kept tokens; no normalisation or GPU sync needed (uniforms: 5x cheaper than exponential_ on CPU).
+            noise = uniform_noise(scores.shape, generator, scores.device) if noise is None else noise
+            scores = filter_logits(scores, top_k, top_p) - noise.log().neg_().log_()  # a new tensor
+            if banned is not None and not ban_first:  # banned after the noise, in place: a pass less than a copy
+                scores.index_fill_(1, banned, -math.inf)
+        tokens = scores.argmax(-1)
+        return tokens, logp.gather(1, tokens[:, None])[:, 0]
 
 
 def _prepare(model, input_ids, attention_mask, eos_token_id, max_new_tokens):
@@ -304,22 +339,39 @@ def _prepare(model, input_ids, attention_mask, eos_token_id, max_new_tokens):
 
 
 class _Recorder:
-    """Per-step bookkeeping shared by both samplers: padding after EOS, the completion mask, the stop test."""
+    """Per-step bookkeeping shared by both samplers: the (N, max_new_tokens) results (padding after EOS), which rows
+    are still running, their random draws, the stop test."""
 
-    def __init__(self, n, eos, pad_token_id, device):
-        self.done = torch.zeros(n, dtype=torch.bool, device=device)
-        self.eos, self.pad, self.tokens, self.masks, self.logprobs = eos, pad_token_id, [], [], []
+    def __init__(self, n, max_new_tokens, eos, pad_token_id, device):
+        self.tokens = torch.full((n, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+        self.mask = torch.zeros((n, max_new_tokens), dtype=torch.bool, device=device)
+        self.logprobs = torch.zeros((n, max_new_tokens), dtype=torch.float32, device=device)
+        self.rows = torch.arange(n, device=device)  # (n_running,): the rows that have not drawn an EOS yet
+        self.eos, self.steps = eos, 0
 
-    def add(self, tokens, logprobs):  # -> the tokens to feed next, (N,)
-        tokens = tokens.masked_fill(self.done, self.pad)
-        self.tokens.append(tokens)
-        self.masks.append(~self.done)
-        self.logprobs.append(logprobs.masked_fill(self.done, 0.0))
-        self.done = self.done | torch.isin(tokens, self.eos)
-        return tokens
+    def noise(self, generator, vocab, temperature):
+        """U(0, 1) draws (n_running, V) for this step, or None when greedy. All N rows draw, running or not, so a
+        row's numbers are those it would get if no row ever stopped (what makes both samplers agree)."""
+        if temperature <= 0:
+            return None
+        u = uniform_noise((len(self.tokens), vocab), generator, self.tokens.device)  # (N, V)
+        return u if len(self.rows) == len(u) else u[self.rows]
+
+    def add(self, tokens, logprobs):
+        """tokens, logprobs (n_running,) of this step -> None if every row runs on, else keep (n_running,) bool:
+        False where the row has just drawn an EOS (it is recorded, and the row stops)."""
+        s, rows = self.steps, self.rows
+        self.tokens[rows, s], self.mask[rows, s], self.logprobs[rows, s] = tokens, True, logprobs
+        self.steps += 1
+        keep = ~torch.isin(tokens, self.eos)
+        if keep.all():  # one host sync per step, for the stop test
+            return None
+        self.rows = rows[keep]
+        return keep
 
     def result(self):
-        return Samples(torch.stack(self.tokens, 1), torch.stack(self.masks, 1), torch.stack(self.logprobs, 1))
+        n = self.steps  # as many columns as steps ran: until every row stopped, or max_new_tokens
+        return Samples(*(x[:, :n].contiguous() for x in (self.tokens, self.mask, self.logprobs)))
 
 
 @torch.no_grad()
@@ -339,17 +391,21 @@ def sample(model, input_ids, attention_mask=None, pixel_values=None, image_embed
     prefix = KVCache(model.cfg.text, B, T, weight.dtype, input_ids.device)
     h = model.hidden_states(input_ids, image_embeds=image_embeds, attention_mask=attention_mask, cache=prefix)
     w32 = weight.float()  # (V, D); no copy in fp32
-    logits = (h[:, -1].float() @ w32.T).repeat_interleave(G, 0)  # (B*G, V): one prefill per group
+    logits = head_logits(h[:, -1], w32).repeat_interleave(G, 0)  # (B*G, V): one prefill per group
     cache = GroupKVCache(prefix, G, max_new_tokens)
-    mask = attention_mask.repeat_interleave(G, 0)  # (B*G, T)
-    rec = _Recorder(B * G, eos, pad_token_id, input_ids.device)
-    for step in range(max_new_tokens):
-        tokens = rec.add(*sample_token(logits, temperature, top_k, top_p, generator, banned))
-        if rec.done.all() or step == max_new_tokens - 1:
+    # every step's attention mask is a prefix of this one (running rows only): (B*G, T + max_new_tokens)
+    mask = torch.cat([attention_mask.repeat_interleave(G, 0), attention_mask.new_ones(B * G, max_new_tokens)], 1)
+    rec = _Recorder(B * G, max_new_tokens, eos, pad_token_id, input_ids.device)
+    for step in range(max_new_tokens):  # logits, tokens, mask: (n_running, ...), the rows of rec.rows
+        noise = rec.noise(generator, logits.shape[1], temperature)
+        tokens, logprobs = sample_token(logits, temperature, top_k, top_p, banned=banned, noise=noise)
+        keep = rec.add(tokens, logprobs)
+        if len(rec.rows) == 0 or step == max_new_tokens - 1:
             break
-        mask = torch.cat([mask, mask.new_ones(B * G, 1)], 1)  # (B*G, T + step + 1)
-        h = model.hidden_states(tokens[:, None], attention_mask=mask, cache=cache)  # (B*G, 1, D)
-        logits = h[:, -1].float() @ w32.T  # (B*G, V)
+        if keep is not None:  # rows that drew an EOS leave the decode batch
+            tokens, mask, cache.rows = tokens[keep], mask[keep], rec.rows
+        h = model.hidden_states(tokens[:, None], attention_mask=mask[:, :T + step + 1], cache=cache)  # (n, 1, D)
+        logits = head_logits(h[:, -1], w32)  # (n, V)
     return rec.result()
 
 
@@ -364,14 +420,16 @@ def sample_naive(model, input_ids, attention_mask=None, pixel_values=None, image
     pixel_values = None if pixel_values is None else repeat_for_group(pixel_values, input_ids, model.cfg, G)
     image_embeds = None if image_embeds is None else repeat_for_group(image_embeds, input_ids, model.cfg, G)
     w32 = model.lm_head.weight.float()  # the fp32 LM head of `sample`: model(...) with fp32 logits
-    rec = _Recorder(ids.shape[0], eos, pad_token_id, ids.device)
+    rec = _Recorder(ids.shape[0], max_new_tokens, eos, pad_token_id, ids.device)
     for _ in range(max_new_tokens):
-        h = model.hidden_states(ids, pixel_values, image_embeds, mask)  # (B*G, T + step, D)
-        logits = h[:, -1].float() @ w32.T  # (B*G, V)
-        tokens = rec.add(*sample_token(logits, temperature, top_k, top_p, generator, banned))
-        if rec.done.all():
+        h = model.hidden_states(ids, pixel_values, image_embeds, mask)  # (B*G, T + step, D): every row, every step
+        logits = head_logits(h[:, -1], w32)[rec.rows]  # (n_running, V)
+        noise = rec.noise(generator, logits.shape[1], temperature)
+        rec.add(*sample_token(logits, temperature, top_k, top_p, banned=banned, noise=noise))
+        if len(rec.rows) == 0:
             break
-        ids, mask = torch.cat([ids, tokens[:, None]], 1), torch.cat([mask, mask.new_ones(ids.shape[0], 1)], 1)
+        tokens = rec.tokens[:, rec.steps - 1:rec.steps]  # (B*G, 1): padding where a row has stopped
+        ids, mask = torch.cat([ids, tokens], 1), torch.cat([mask, mask.new_ones(ids.shape[0], 1)], 1)
     return rec.result()
 
 

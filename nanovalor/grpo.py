@@ -294,6 +294,15 @@ def rollout_logprobs(module, rollout, micro, temperature=1.0):
                                                                                         micro)])
 
 
+def reference_logprobs(reference, scorer, rollout, micro, temperature=1.0):
+    """The reference policy's log-probs (B*G, Tc) of the rollout: the policy's own scorer with its starting weights
+    swapped in (reference = reference_model(policy)); None when there is no reference (beta = 0)."""
+    if reference is None:
+        return None
+    with reference(scorer):
+        return rollout_logprobs(scorer, rollout, micro, temperature)
+
+
 def update(scorer, rollout, advantages, micro, world=1, temperature=1.0, old_logp=None, ref_logp=None,
            **loss_options):
     """One optimisation pass: accumulate the GRPO gradient of this rank's groups; the caller clips and steps the

@@ -353,9 +353,10 @@ def fill(model, path_or_repo_id=None, device=None, trained_only=False):
 
 def load(path_or_repo_id, dtype=None, device=None):
     """The Llava (or QwenVL) model of a local folder or hub id, in eval mode: build() then fill(). Layouts:
-    transformers' LlavaForConditionalGeneration (every key layout it has written) and the original LLaVA / LLaVA-Med (vision tower
-    from the repo named by mm_vision_tower unless the checkpoint holds it). dtype defaults to bfloat16 on CUDA and
-    float32 elsewhere. Any missing, unexpected or mis-shaped tensor is one error that lists them all."""
+    transformers' LlavaForConditionalGeneration (every key layout it has written), the original LLaVA / LLaVA-Med
+    (vision tower from the repo named by mm_vision_tower unless the checkpoint holds it) and Qwen2.5-VL's. dtype
+    defaults to bfloat16 on CUDA and float32 elsewhere. Any missing, unexpected or mis-shaped tensor is one error
+    that lists them all."""
     device = torch.device(device or "cpu")
     return fill(build(path_or_repo_id, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)),
                 path_or_repo_id, device)

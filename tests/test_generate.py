@@ -92,6 +92,36 @@ def test_cached_group_sampler_equals_naive_under_sampling(models):
     assert torch.equal(again.tokens, cached.tokens) and not torch.equal(other.tokens, cached.tokens)
 
 
+def test_rows_that_stop_leave_the_decode_batch_and_change_no_other_row(models):
+    """Sampling (T = 1, a generator per group) with EOS tokens that end rows at different steps: finished rows leave
+    the decode batch (the decoder sees fewer rows), yet every row's tokens are those of the naive sampler and, up to
+    its EOS, those of a run where no row stops (a row's draws do not depend on which others are still running)."""
+    _, ours = models["siglip_qwen2"]
+    ids, mask, pixels = prompts(((3, 9), (2, 4), (1, 1)))
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (20, 21, 22)]
+    kw = dict(group_size=4, max_new_tokens=12, temperature=1.0, pad_token_id=7)
+    free = sample(ours, ids, mask, pixels, generator=gens(), eos_token_id=[], **kw).tokens.tolist()
+    # EOS := the tokens that rows 0..5 drew at steps 1..6 (rows 6..11 run on unless they draw one of them too)
+    eos = sorted({free[row][row + 1] for row in range(6)})
+    stops = [_first(row, eos) for row in free]
+    assert len(set(stops)) >= 4  # rows stop at several different steps, some not at all
+    batch_sizes = []
+    hook = ours.language_model.register_forward_hook(lambda m, i, o: batch_sizes.append(i[0].shape[0]))
+    try:
+        cached = sample(ours, ids, mask, pixels, generator=gens(), eos_token_id=eos, **kw)
+    finally:
+        hook.remove()
+    naive = sample_naive(ours, ids, mask, pixels, generator=gens(), eos_token_id=eos, **kw)
+    assert torch.equal(cached.tokens, naive.tokens) and torch.equal(cached.mask, naive.mask)
+    torch.testing.assert_close(cached.logprobs, naive.logprobs, rtol=0, atol=1e-5)
+    running = [sum(1 for s in stops if s is None or s >= step) for step in range(cached.tokens.shape[1])]
+    assert batch_sizes == [3] + running[1:]  # the prefill (3 prompts), then the rows still running at each step
+    for row, stop in enumerate(stops):
+        n = cached.tokens.shape[1] if stop is None else stop + 1
+        assert cached.tokens[row, :n].tolist() == free[row][:n] and cached.mask[row].sum() == n
+        assert (cached.tokens[row, n:] == 7).all() and (cached.logprobs[row, n:] == 0).all()
+
+
 def test_one_generator_per_group_makes_a_group_independent_of_its_batch(models):
     """With a generator per prompt, a group's samples are the same whether its prompt is sampled alone or beside
     others (what lets DDP runs on any number of ranks draw the same rollouts)."""
@@ -277,3 +307,36 @@ def test_bfloat16_weights_sample_with_fp32_logprobs(models, tmp_path):
     logits = hidden[:, ids.shape[1] - 1:-1].float() @ ours.lm_head.weight.float().T
     teacher = F.log_softmax(logits, -1).gather(2, out.tokens[..., None])[..., 0]
     torch.testing.assert_close(out.logprobs, teacher, rtol=0, atol=0.1)
+
+
+def test_lm_head_runs_in_fp32_under_bf16_autocast(models):
+    """Under bf16 autocast (how train.py samples on CUDA) the LM head and the draw stay fp32, as the trainer's fused
+    op: the recorded log-probs equal token_logprobs of the very hidden states the sampler produced (captured at the
+    final norm), not a bf16 rounding of them (0.02 off before the fix)."""
+    from nanovalor.logprobs import token_logprobs
+
+    _, ours = models["clip_llama"]
+    ids, mask, pixels = prompts()
+    G, N = 3, 6
+    seen = []
+    hook = ours.language_model.norm.register_forward_hook(lambda m, i, out: seen.append(out[:, -1]))
+    try:
+        with torch.autocast("cpu", torch.bfloat16):
+            out = sample(ours, ids, mask, pixels, group_size=G, max_new_tokens=N, eos_token_id=[],
+                         generator=torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    # seen: the prefill's last positions (B, D), then one (B*G, D) per decode step; row r, step s -> hidden[s, r]
+    hidden = torch.stack([seen[0].repeat_interleave(G, 0)] + seen[1:], 1)  # (B*G, N, D)
+    assert hidden.shape[:2] == out.tokens.shape and hidden.dtype == torch.float32
+    fused = token_logprobs(hidden.flatten(0, 1), ours.lm_head.weight, out.tokens.flatten()).view_as(out.logprobs)
+    assert out.logprobs.dtype == torch.float32
+    torch.testing.assert_close(out.logprobs, fused, rtol=0, atol=1e-5)
+    # rows that stop leave the batch under autocast too (bf16 keys and values go into the fp32 cache)
+    eos = sorted({t for row in out.tokens[:, 1:4].tolist() for t in row})[:4]
+    with torch.autocast("cpu", torch.bfloat16):
+        stopped = sample(ours, ids, mask, pixels, group_size=G, max_new_tokens=N, eos_token_id=eos,
+                         generator=torch.Generator().manual_seed(0))
+    n = stopped.mask.shape[1]
+    assert not stopped.mask.all()
+    assert torch.equal(stopped.tokens[stopped.mask], out.tokens[:, :n][stopped.mask])  # the same draws up to EOS

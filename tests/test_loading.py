@@ -168,7 +168,7 @@ def grpo_step(model, scorer, reference, world, seed):
     """One GRPO update (KL to `reference`) of 2 studies x G = 2 fixed completions, then an SGD step: under FSDP
     (world 2) each rank its study; in one process (world 1) both. update() sums token counts over the process group,
     so in one process on each of the 2 ranks the counts double, and update(world=2) doubles the loss back."""
-    from nanovalor.grpo import Rollout, rollout_logprobs, update
+    from nanovalor.grpo import Rollout, reference_logprobs, update
     g = torch.Generator().manual_seed(seed)
     ids = torch.cat([torch.randint(0, 59, (2, 2), generator=g), torch.full((2, 4), 60)], 1)  # 4 image tokens each
     pixels, tokens = torch.randn(2, 3, 14, 14, generator=g), torch.randint(0, 59, (4, 3), generator=g)
@@ -177,8 +177,7 @@ def grpo_step(model, scorer, reference, world, seed):
     r = slice(2 * b.start, 2 * b.stop)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     rollout = Rollout(pixels[b], ids[b], torch.ones_like(ids[b]), tokens[r], mask[r], torch.zeros(4, 3)[r], 2)
-    with reference(scorer):
-        ref_logp = rollout_logprobs(scorer, rollout, micro=1)
+    ref_logp = reference_logprobs(reference, scorer, rollout, micro=1)
     stats, _ = update(scorer, rollout, advantages[r], micro=1, world=2, ref_logp=ref_logp, beta=0.5)
     optimizer.step()
     return stats["kl"]
