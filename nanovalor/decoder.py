@@ -125,6 +125,16 @@ class Decoder(nn.Module):
         return x
 
 
+def init_weights(model):
+    """transformers' initialisation, for a model trained from scratch: weights of linear, embedding and convolution
+    layers N(0, 0.02), their biases 0. A tied LM head is tied again by the caller."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv2d, nn.Conv3d)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d)) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
 def attention_mask_4d(attention_mask, t, past, device):
     """Boolean SDPA mask (B, 1, t, past + t) for t new queries after `past` cached columns: causal, padding keys
     hidden. attention_mask (B, past + t), 1 = real token, padding anywhere (left, right, between prompt and

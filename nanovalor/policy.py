@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from nanovalor import lora, qwen_vl
 from nanovalor.checkpoint import atomic_folder
-from nanovalor.decoder import BIASES, Decoder, DecoderConfig, attention_mask_4d, decoder_config_from_hf, rope_cos_sin
+from nanovalor.decoder import (BIASES, Decoder, DecoderConfig, attention_mask_4d, decoder_config_from_hf, init_weights,
+                               rope_cos_sin)
 from nanovalor.vit import VisionConfig, VisionTower, vision_config_from_hf
 from nanovalor.weights import TOKENIZER_FILES, checkpoint_index, materialise, read_json, resolve, token_ids
 
@@ -82,11 +83,7 @@ class Llava(nn.Module):
                                                cfg.projector_bias)
         self.language_model = Decoder(cfg.text)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
-        for m in self.modules():  # transformers' initialisation, for models trained from scratch
-            if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv2d)):
-                nn.init.normal_(m.weight, std=0.02)
-            if isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
-                nn.init.zeros_(m.bias)
+        init_weights(self)
         if cfg.text.tie_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight
         self.source, self.preprocessor_config = None, None

@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 
 from nanovalor.data import PackedImages
-from nanovalor.decoder import Decoder, DecoderConfig, attention_mask_4d, decoder_config_from_hf, rope_cos_sin
+from nanovalor.decoder import (Decoder, DecoderConfig, attention_mask_4d, decoder_config_from_hf, init_weights,
+                               rope_cos_sin)
 from nanovalor.qwen_vit import PatchMerger, QwenVisionConfig, QwenVisionTower
 from nanovalor.weights import read_json, token_ids
 
@@ -106,11 +107,7 @@ class QwenVL(nn.Module):
         self.multi_modal_projector = PatchMerger(cfg.vision)  # transformers' visual.merger
         self.language_model = Decoder(cfg.text)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
-        for m in self.modules():  # transformers' initialisation, for models trained from scratch
-            if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv3d)):
-                nn.init.normal_(m.weight, std=0.02)
-            if isinstance(m, (nn.Linear, nn.Conv3d)) and m.bias is not None:
-                nn.init.zeros_(m.bias)
+        init_weights(self)
         if cfg.text.tie_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight
         self.source, self.preprocessor_config = None, None
