@@ -335,6 +335,11 @@ def fill(model, path_or_repo_id=None, device=None, trained_only=False):
     Any missing, unexpected or mis-shaped tensor is one error that lists them all. Returns the model."""
     folder = resolve(path_or_repo_id or model.source)
     index, unexpected = weight_index(folder)
+    embed, text = index.get("language_model.embed_tokens.weight"), model.cfg.text
+    if embed is not None and embed.shape != (text.vocab_size, text.hidden_size):  # e.g. a config that omits them
+        raise ValueError(f"{folder / 'config.json'}: vocab_size {text.vocab_size} and hidden_size {text.hidden_size} "
+                         f"(a field it omits takes transformers' {text.model_type} default) do not fit the "
+                         f"checkpoint's embed_tokens of shape {embed.shape}")
     tied = ["lm_head.weight"] if model.cfg.text.tie_embeddings else []
     skip = set(tied) | set(lora.adapter_names(model))
     state = model.state_dict(keep_vars=True)
