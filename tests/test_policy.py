@@ -345,7 +345,7 @@ def test_bad_checkpoints_give_one_clear_error(models, tmp_path):
          r"rope_theta = True: expected a number"),
         (dict(config=lambda c: {**c, "text_config": {k: v for k, v in c["text_config"].items() if k != "hidden_size"}}),
          ValueError, r"config.json: vocab_size 1031 and hidden_size 4096 \(a field it omits takes transformers' llama "
-                     r"default\) do not fit the checkpoint's embed_tokens of shape \(61, 60\)"),
+                     r"default\) do not fit the checkpoint's embed_tokens of shape \(1031, 60\)"),
     ]
     for i, (change, error, message) in enumerate(cases):
         with pytest.raises(error, match=message):
