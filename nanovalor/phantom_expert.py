@@ -31,11 +31,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from nanovalor import phantoms
-from nanovalor.chexpert import label_reports
+from nanovalor.chexpert import CHEXPERT_LABELS, label_reports
 from nanovalor.data import load_image, preprocess, read_dataset
 from nanovalor.expert import save
 from nanovalor.phantom_reports import write_report
-from nanovalor.chexpert import CHEXPERT_LABELS
 
 LUNG_OPACITY, EDEMA, CONSOLIDATION, PNEUMONIA, ATELECTASIS = (CHEXPERT_LABELS.index(name) for name in (
     "Lung Opacity", "Edema", "Consolidation", "Pneumonia", "Atelectasis"))
@@ -44,13 +43,13 @@ LUNG_OPACITY, EDEMA, CONSOLIDATION, PNEUMONIA, ATELECTASIS = (CHEXPERT_LABELS.in
 # near misses and clinical correctness
 
 
-def near_miss(findings: dict, rng, weights=(1, 1, 1)) -> dict:
+def near_miss(findings: dict, rng) -> dict:
     """`findings` with one finding removed, one added, or one swapped for another: what the report writer writes
-    for a near miss. The change is drawn among those the study allows, in proportion to `weights` (remove, add,
-    swap); added findings are drawn without priors."""
+    for a near miss. The change is drawn evenly among those the study allows; added findings are drawn without
+    priors."""
     present = list(findings)
     absent = [name for name in phantoms.FINDINGS if name not in findings]
-    allowed = np.array([bool(present), bool(absent), bool(present and absent)]) * np.asarray(weights, float)
+    allowed = np.array([bool(present), bool(absent), bool(present and absent)], float)
     op = ("remove", "add", "swap")[rng.choice(3, p=allowed / allowed.sum())]
     out = dict(findings)
     if op in ("remove", "swap"):
@@ -123,24 +122,22 @@ def to_pixels(images, table) -> torch.Tensor:
 # training
 
 
-def contrastive_loss(expert, pixels, ids, mask, keys=None, bias=None):
+# The default recipe: what `python train.py` runs on a fresh clone, measured to fit its time budget (see README)
+STEPS, BATCH_SIZE, LR, WARMUP, NEGATIVES = 900, 32, 1e-3, 50, 3
+
+
+def contrastive_loss(expert, pixels, ids, mask, keys):
     """CLIP's symmetric InfoNCE with hard negatives in the image -> text direction (NegCLIP).
 
     pixels (B, 3, S, S); ids, mask (B + B*K, T): the B studies' own reports, then K near misses per study. Each
     image's softmax runs over all B + B*K reports; each report's over the B images. keys (B + B*K, hashable): the
-    findings each report states; given, every report of the same findings as an image's own is a positive too
-    (the target spread evenly over them), not a false negative (as MedCLIP, Wang et al. 2022, arXiv 2210.10163)."""
+    findings each report states; every report of the same findings as an image's own is a positive too (the target
+    spread evenly over them), not a false negative (as MedCLIP, Wang et al. 2022, arXiv 2210.10163)."""
     B = len(pixels)
     images = expert.encode_images(pixels)  # (B, E)
     texts = encode_texts(expert, ids, mask)  # (B + B*K, E)
     logits = expert.logit_scale.exp().clamp(max=100) * images @ texts.T  # (B, B + B*K); CLIP caps the scale
-    if keys is None:
-        target = torch.eye(B, len(texts))  # (B, B + B*K): its own report
-    else:
-        target = torch.tensor([[float(a == b) for b in keys] for a in keys[:B]])  # (B, B + B*K)
-    if bias is not None:  # SigLIP: every (image, report) pair its own binary decision, match or not
-        z = 2 * target - 1  # (B, B + B*K): +1 match, -1 not
-        return -F.logsigmoid(z * (logits + bias)).sum() / B
+    target = torch.tensor([[float(a == b) for b in keys] for a in keys[:B]])  # (B, B + B*K)
     to_text = target / target.sum(1, keepdim=True)
     to_image = target[:, :B].T / target[:, :B].sum(0)[:, None]  # (B, B)
     return (F.cross_entropy(logits, to_text) + F.cross_entropy(logits[:, :B].T, to_image)) / 2
@@ -157,8 +154,8 @@ def encode_texts(expert, ids, mask, chunks=4):
     return torch.cat(parts)[order.argsort()]  # back in the original order
 
 
-def train(world, out, steps=2000, batch_size=64, lr=2e-3, warmup=100, negatives=3, weight_decay=0.05, seed=0,
-          world_seed=0, log_every=100, n=None, expert=None, same_findings=True, miss_weights=(1, 1, 1), scale=None, siglip=False, counterfactual=False):
+def train(world, out, steps=STEPS, batch_size=BATCH_SIZE, lr=LR, warmup=WARMUP, negatives=NEGATIVES,
+          weight_decay=0.05, seed=0, world_seed=0, log_every=100, n=None, expert=None):
     """Train phantoms.tiny_expert on the training split of the phantom world in folder `world` (its first n
     studies; all by default), save it to `out` (expert.save, atomic) and return it. AdamW with a linear warmup and
     a cosine decay; each step a batch of studies, each with `negatives` hard negative reports drawn afresh."""
@@ -171,12 +168,9 @@ def train(world, out, steps=2000, batch_size=64, lr=2e-3, warmup=100, negatives=
     print(f"expert: {len(studies)} training studies loaded in {time.time() - t0:.1f}s", flush=True)
     torch.manual_seed(seed)
     expert = (expert or phantoms.tiny_expert(world)).train()
-    if scale:
-        expert.logit_scale.data.fill_(math.log(scale))
-    bias = torch.nn.Parameter(torch.tensor(-10.0)) if siglip else None
     table = pixel_table(expert.processing)
     decay = [p for p in expert.parameters() if p.dim() >= 2]  # matrices decay; norms, biases, the scale do not
-    rest = [p for p in expert.parameters() if p.dim() < 2] + ([bias] if siglip else [])
+    rest = [p for p in expert.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0}],
                             lr=lr)
     per_epoch = len(studies) // batch_size
@@ -188,22 +182,15 @@ def train(world, out, steps=2000, batch_size=64, lr=2e-3, warmup=100, negatives=
         rng = np.random.default_rng([seed, step, 1])  # this step's near misses
         batch = order[k * batch_size:(k + 1) * batch_size]
         findings = [studies[i]["findings"] for i in batch]
-        pixels = images[batch]  # (B, S, S)
-        if counterfactual:  # the same patients with one finding changed: B more images, and their reports
-            changed = [near_miss(f, rng, miss_weights) for f in findings]
-            drawn = [phantoms.render(studies[i]["patient"], f) for i, f in zip(batch, changed)]
-            pixels = torch.cat([pixels, torch.from_numpy(np.stack(drawn))])  # (2B, S, S)
-            findings += changed
+        findings += [near_miss(f, rng) for f in findings for _ in range(negatives)]
         texts = [studies[i]["report"] for i in batch] + [write_report(f, rng)[0] for f in findings[len(batch):]]
-        findings += [near_miss(f, rng, miss_weights) for f in findings[:len(batch)] for _ in range(negatives)]
-        texts += [write_report(f, rng)[0] for f in findings[len(texts):]]
-        keys = [tuple(sorted(phantoms.describe(f))) for f in findings] if same_findings else None
-        ids, mask = expert.tokenize(texts)  # (M + B*K, T), M = B or 2B images
+        keys = [tuple(sorted(phantoms.describe(f))) for f in findings]  # what each report states
+        ids, mask = expert.tokenize(texts)  # (B + B*K, T)
         rate = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * max(0, step - warmup)
                                                                         / max(1, steps - warmup)))
         for group in opt.param_groups:
             group["lr"] = rate
-        loss = contrastive_loss(expert, to_pixels(pixels, table), ids, mask, keys, bias)
+        loss = contrastive_loss(expert, to_pixels(images[batch], table), ids, mask, keys)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(expert.parameters(), 1.0)
@@ -364,21 +351,6 @@ class Null:
         return self.expert.similarity(others, reports)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Train the phantom world's expert (phantom_expert.train).")
-    p.add_argument("--world", default="out/phantoms", help="a phantom world folder (phantoms.generate)")
-    p.add_argument("--out", default="out/expert/checkpoint")
-    for name, default in (("steps", 2000), ("batch_size", 64), ("lr", 2e-3), ("warmup", 100), ("negatives", 3),
-                          ("weight_decay", 0.05), ("seed", 0), ("world_seed", 0), ("log_every", 100)):
-        p.add_argument(f"--{name}", type=type(default), default=default)
-    args = vars(p.parse_args(argv))
-    train(args.pop("world"), args.pop("out"), **args)
-
-
-if __name__ == "__main__":
-    main()
-
-
 def judge_and_expert(spec, data, studies, seed=0, device="cpu"):
     """train.py's (judge, expert): the visual stage's reward and the expert of evaluation's similarity column (and of
     the phantom SFT policy's ViT). spec: an expert folder or hub id (both are that expert), "" (no expert), or a
@@ -396,3 +368,18 @@ def judge_and_expert(spec, data, studies, seed=0, device="cpu"):
     if expert is None:
         raise SystemExit(f"error: --expert=null scores with the phantom expert, and {phantom} is missing")
     return Null(expert, studies, seed), expert
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Train the phantom world's expert (phantom_expert.train).")
+    p.add_argument("--world", default="out/phantoms", help="a phantom world folder (phantoms.generate)")
+    p.add_argument("--out", default="out/expert/checkpoint")
+    for name, default in (("steps", STEPS), ("batch_size", BATCH_SIZE), ("lr", LR), ("warmup", WARMUP),
+                          ("negatives", NEGATIVES), ("weight_decay", 0.05), ("seed", 0), ("world_seed", 0), ("log_every", 100)):
+        p.add_argument(f"--{name}", type=type(default), default=default)
+    args = vars(p.parse_args(argv))
+    train(args.pop("world"), args.pop("out"), **args)
+
+
+if __name__ == "__main__":
+    main()

@@ -176,7 +176,15 @@ grads, step = [], torch.optim.AdamW.step
 
 def recording(self, *args, **kwargs):  # every rank takes part: a DTensor's full_tensor() is a collective
     full = lambda g: g.full_tensor() if hasattr(g, "full_tensor") else g
-    grads.append([full(p.grad).detach().clone() for group in self.param_groups for p in group["params"]])
+    params = [p for group in self.param_groups for p in group["params"]]
+    grads.append([full(p.grad).detach().clone() for p in params])
+    # Adam's first step moves every weight by about lr * sign(gradient), however small the gradient: one that is 0 in
+    # one split and 1e-12 (rounding) in another would move a weight by lr in one run only, and the second step would
+    # sample other reports. Gradients below 1e-6 of the largest are zeroed, alike in every split, after recording.
+    floor = 1e-6 * max(g.abs().max() for g in grads[-1])
+    for p in params:
+        local = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+        local.masked_fill_(local.abs() < floor, 0)
     return step(self, *args, **kwargs)
 
 torch.optim.AdamW.step = recording
