@@ -11,8 +11,9 @@ For each seed: `train.py --stage text` (which builds the phantom world, the phan
 with that seed), then `--stage visual` from the text checkpoint once per variant (each in runs/seed<S>/<variant>),
 then `eval.py` on every checkpoint with that seed's expert; the per-seed JSON lands in runs/seed<S>/eval.json and a
 results row per checkpoint in runs/results.jsonl. Prints one markdown table: every metric as mean +- std over the
-seeds. Existing checkpoints are reused (delete a folder to rerun it). `bench/plot_visual.py runs` draws the visual
-stage's reward and hallucination curves.
+seeds. Existing checkpoints and evaluations are reused (delete a folder or eval.json to rerun it): seeds may run
+in parallel processes (`--seeds 0`, `--seeds 1`, ...), then one call with all of them prints the table.
+`bench/plot_visual.py runs` draws the visual stage's reward and hallucination curves.
 """
 import argparse
 import json
@@ -58,10 +59,12 @@ for seed in args.seeds:
                                     f"--data={folder / 'phantoms' / 'annotation.json'}",
                                     f"--expert={folder / 'expert' / 'checkpoint'}", *flags.split()], check=True)
         models[name] = run / "visual" / "checkpoint"
-    subprocess.run([sys.executable, str(ROOT / "eval.py"), *[f"--model={m}" for m in models.values()],
-                    "--split=test", f"--data={folder / 'phantoms' / 'annotation.json'}",
-                    f"--json={folder / 'eval.json'}", f"--results={out / 'results.jsonl'}"], check=True)
-    record = json.loads((folder / "eval.json").read_text())
+    evaluated = folder / "eval.json"
+    if not evaluated.exists() or not all(str(m) in json.loads(evaluated.read_text())["models"] for m in models.values()):
+        subprocess.run([sys.executable, str(ROOT / "eval.py"), *[f"--model={m}" for m in models.values()],
+                        "--split=test", f"--data={folder / 'phantoms' / 'annotation.json'}",
+                        f"--json={evaluated}", f"--results={out / 'results.jsonl'}"], check=True)
+    record = json.loads(evaluated.read_text())
     for name, model in models.items():
         runs.setdefault(name, []).append(record["models"][str(model)]["metrics"])
 
