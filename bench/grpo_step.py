@@ -427,6 +427,32 @@ def check_world(folder, hf, ours, prompts, image_tokens):
         return float((hf(input_ids=ids, pixel_values=pixels).logits - ours(ids, pixels)).abs().max()), ids.shape[1]
 
 
+def compare(results, B, G, N):
+    """Each side's best and median step, throughput and peak memory, printed as one table with their ratios.
+    results: run_sides' {side: (ready, steps, end)}. Returns ({side: row}, whether both sides did the same work)."""
+    rows = {}
+    for name, (ready, steps, end) in results.items():
+        seconds, cpu = sorted(s["seconds"] for s in steps[1:]), min(s["cpu"] for s in steps[1:])
+        work = tuple(sum(s[k] for s in steps) for k in ("completions", "tokens", "prompt_tokens")) + (ready["trained"],)
+        best = min(steps[1:], key=lambda s: s["seconds"])
+        rows[name] = dict(best=seconds[0], median=seconds[len(seconds) // 2], rate=B * G / seconds[0], cpu=cpu,
+                          work=work, above=end["peak"] - ready["rss"], total=end["peak"], phases=best.get("phases", {}))
+        print(f"# {name}: {work[0]} completions, {work[1]} completion tokens, {work[2]} prompt tokens in "
+              f"{len(steps)} steps, {work[3]:,} trained parameters; peak-RSS mark reset at baseline: {ready['reset']}")
+    ours, trl = rows["nanovalor"], rows["TRL GRPOTrainer"]
+    same = ours["work"] == trl["work"] and ours["work"][1] == len(results["nanovalor"][1]) * B * G * N
+    print(f"# both sides did the same work (completions, tokens, prompt tokens, trained parameters): {same}")
+    print("| side | completions / step | best step (s) | median step (s) | completions / s | CPU s / step (best) | "
+          "completions / CPU s | peak RSS above baseline (MiB) | peak RSS total (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {B * G} | {r['best']:.3f} | {r['median']:.3f} | {r['rate']:.1f} | {r['cpu']:.3f} | "
+              f"{B * G / r['cpu']:.1f} | {r['above']:.0f} | {r['total']:.0f} |")
+    print(f"| nanovalor / TRL | | | | {ours['rate'] / trl['rate']:.2f}x | | {trl['cpu'] / ours['cpu']:.2f}x | "
+          f"{ours['above'] / trl['above']:.2f}x | {ours['total'] / trl['total']:.2f}x |")
+    return rows, same
+
+
 def main(args):
     import torch
     torch.set_num_threads(args.threads)
@@ -450,26 +476,7 @@ def main(args):
           f"machine (the ratios are side by side)")
     print(f"# same weights: max |logits difference| on a prompt {diff:.1e}" + (
         "; same prompt ids and pixel values as TRL's LlavaProcessor" if P else ""))
-    rows = {}
-    for name, (ready, steps, end) in results.items():
-        seconds, cpu = sorted(s["seconds"] for s in steps[1:]), min(s["cpu"] for s in steps[1:])
-        work = tuple(sum(s[k] for s in steps) for k in ("completions", "tokens", "prompt_tokens")) + (ready["trained"],)
-        best = min(steps[1:], key=lambda s: s["seconds"])
-        rows[name] = dict(best=seconds[0], median=seconds[len(seconds) // 2], rate=B * G / seconds[0], cpu=cpu,
-                          work=work, above=end["peak"] - ready["rss"], total=end["peak"], phases=best["phases"])
-        print(f"# {name}: {work[0]} completions, {work[1]} completion tokens, {work[2]} prompt tokens in "
-              f"{len(steps)} steps, {work[3]:,} trained parameters; peak-RSS mark reset at baseline: {ready['reset']}")
-    ours, trl = rows["nanovalor"], rows["TRL GRPOTrainer"]
-    same = ours["work"] == trl["work"] and ours["work"][1] == len(results["nanovalor"][1]) * B * G * N
-    print(f"# both sides did the same work (completions, tokens, prompt tokens, trained parameters): {same}")
-    print("| side | completions / step | best step (s) | median step (s) | completions / s | CPU s / step (best) | "
-          "completions / CPU s | peak RSS above baseline (MiB) | peak RSS total (MiB) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, r in rows.items():
-        print(f"| {name} | {B * G} | {r['best']:.3f} | {r['median']:.3f} | {r['rate']:.1f} | {r['cpu']:.3f} | "
-              f"{B * G / r['cpu']:.1f} | {r['above']:.0f} | {r['total']:.0f} |")
-    print(f"| nanovalor / TRL | | | | {ours['rate'] / trl['rate']:.2f}x | | {trl['cpu'] / ours['cpu']:.2f}x | "
-          f"{ours['above'] / trl['above']:.2f}x | {ours['total'] / trl['total']:.2f}x |")
+    rows, same = compare(results, B, G, N)
     print("\nWhere the best step's wall time goes (s): generation, the reference model's pass, and the rest (rewards, "
           "policy forward + backward, optimizer)")
     print("| side | generation | reference | rest | step |")

@@ -30,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from grpo_step import NEVER, memory_mark, receive, reward, say, send  # noqa: E402  (bench/ is on sys.path)
+from grpo_step import NEVER, compare, memory_mark, receive, reward, say, send  # noqa: E402  (bench/ is on sys.path)
 
 QUESTION = "Describe the findings of the chest X-ray."
 PIXELS = dict(min_pixels=56 * 56, max_pixels=224 * 224)  # a 224 x 224 image stays as it is: 16 x 16 patches
@@ -262,25 +262,7 @@ def main(args):
           f"each) x G={G}, {N} new tokens, beta {args.beta}, fp32, all parameters trained; best of {args.repeats} "
           f"steps after 1 warm-up; torch threads {threads}; torch {torch.__version__}")
     print(f"# same weights: max |logits difference| on an image prompt {diff:.1e}")
-    rows = {}
-    for name, (ready, steps, end) in results.items():
-        seconds, cpu = sorted(s["seconds"] for s in steps[1:]), min(s["cpu"] for s in steps[1:])
-        work = tuple(sum(s[k] for s in steps) for k in ("completions", "tokens", "prompt_tokens")) + (ready["trained"],)
-        rows[name] = dict(best=seconds[0], median=seconds[len(seconds) // 2], rate=B * G / seconds[0], cpu=cpu,
-                          work=work, above=end["peak"] - ready["rss"], total=end["peak"])
-        print(f"# {name}: {work[0]} completions, {work[1]} completion tokens, {work[2]} prompt tokens in "
-              f"{len(steps)} steps, {work[3]:,} trained parameters; peak-RSS mark reset at baseline: {ready['reset']}")
-    ours, trl = rows["nanovalor"], rows["TRL GRPOTrainer"]
-    same = ours["work"] == trl["work"] and ours["work"][1] == len(results["nanovalor"][1]) * B * G * N
-    print(f"# both sides did the same work (completions, tokens, prompt tokens, trained parameters): {same}")
-    print("| side | completions / step | best step (s) | median step (s) | completions / s | CPU s / step (best) | "
-          "completions / CPU s | peak RSS above baseline (MiB) | peak RSS total (MiB) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, r in rows.items():
-        print(f"| {name} | {B * G} | {r['best']:.3f} | {r['median']:.3f} | {r['rate']:.1f} | {r['cpu']:.3f} | "
-              f"{B * G / r['cpu']:.1f} | {r['above']:.0f} | {r['total']:.0f} |")
-    print(f"| nanovalor / TRL | | | | {ours['rate'] / trl['rate']:.2f}x | | {trl['cpu'] / ours['cpu']:.2f}x | "
-          f"{ours['above'] / trl['above']:.2f}x | {ours['total'] / trl['total']:.2f}x |")
+    _, same = compare(results, B, G, N)
     if not same:
         raise SystemExit("the two sides did not do the same work: the comparison above is not valid")
 
