@@ -461,22 +461,6 @@ def _vision():
                         num_heads=4)
 
 
-def grid_positions(tower):
-    """Start the ViT's learned patch positions from 2-D sine-cosine codes (MAE, He et al. 2021, arXiv 2111.06377):
-    where a density lies (which lung, which lobe, which side) is most of what a radiograph says, and a ViT trained
-    from scratch on a few thousand images learns it from random positions slowly. Only the starting values change:
-    the ViT is still a CLIP ViT with learned positions. tower: a vit.VisionTower with a class token."""
-    import torch
-    cfg = tower.cfg
-    side, quarter = cfg.image_size // cfg.patch_size, cfg.hidden_size // 4
-    freq = 1 / 10000 ** (torch.arange(quarter) / quarter)  # (D/4,)
-    row, col = (t.flatten()[:, None] * freq for t in torch.meshgrid(torch.arange(side), torch.arange(side),
-                                                                     indexing="ij"))  # (P, D/4) each
-    codes = torch.cat([col.sin(), col.cos(), row.sin(), row.cos()], 1)  # (P, D): patches in row-major order
-    with torch.no_grad():
-        tower.embeddings.position_embedding.weight[1:, :4 * quarter] = codes  # row 0: the class token's
-
-
 def tiny_policy(folder, vision_tower=None):
     """A fresh 2.5M-parameter LLaVA for the phantom world in `folder` (its tokenizer.json sets the vocabulary): the
     phantom ViT, the mlp2x_gelu projector and a 4-block Llama decoder (GQA). As LLaVA starts from a contrastively
