@@ -1,6 +1,7 @@
 """The visual stage's curves, from the metrics.jsonl of bench/phantom_results.py's runs: per variant (expert, oracle,
-null, ...), the stage's reward, the hallucination and omission of its sampled reports against their references
-(every step), and the held-out validation hallucination (every eval_every steps); mean over seeds, one line each.
+null, ...), the stage's reward, the clinical reward, hallucination and omission of its sampled reports against their
+references (every step), and the held-out validation hallucination (every eval_every steps); mean over seeds, one
+line each.
 
     python bench/plot_visual.py runs --out docs/visual_stage.png
 
@@ -28,8 +29,8 @@ for log in sorted(Path(args.runs).glob("seed*/*/visual/metrics.jsonl")):
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     steps = [r for r in rows if "reward" in r]
     val = [r for r in rows if "val" in r]
-    variant = log.parent.parent.name
-    for key in ("reward", "hallucination", "omission"):
+    variant = log.parent.parent.name.removeprefix("text___visual__").replace("__", ", ").replace("_", " ")
+    for key in ("reward", "clinical", "hallucination", "omission"):
         curves[variant][key].append(np.array([r[key] for r in steps]))
     if val:
         curves[variant]["val hallucination"].append(np.array([[r["step"], r["val"]["hallucination"]] for r in val]))
@@ -41,8 +42,9 @@ def smooth(x, k):
     return np.convolve(x, np.ones(k) / k, mode="valid") if len(x) >= k > 1 else x
 
 
-panels = ["reward", "hallucination", "omission", "val hallucination"]
-fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
+panels = ["reward", "clinical", "hallucination", "omission", "val hallucination"]
+fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+axes = axes.flatten()
 for ax, key in zip(axes, panels):
     for variant, series in sorted(curves.items()):
         if not series[key]:
@@ -54,10 +56,13 @@ for ax, key in zip(axes, panels):
             n = min(len(x) for x in series[key])
             mean = smooth(np.mean([x[:n] for x in series[key]], 0), args.smooth)
             ax.plot(np.arange(len(mean)) + args.smooth, mean, label=variant)
-    ax.set_title(key + (" (samples vs reference)" if key in ("hallucination", "omission") else ""), fontsize=9)
+    ax.set_title({"reward": "reward (each variant's own judge)", "clinical": "clinical reward (vs reference)",
+                  "val hallucination": "validation hallucination (greedy)"}.get(key, key + " (samples vs reference)"),
+                 fontsize=9)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
-axes[0].legend(fontsize=7)
+axes[-1].axis("off")  # the sixth place holds the legend
+axes[-1].legend(*axes[0].get_legend_handles_labels(), loc="center", title="the visual stage's judge")
 fig.suptitle(f"visual stage on the phantom world, mean over {max(len(s['reward']) for s in curves.values())} seeds "
              f"({args.smooth}-step moving average)", fontsize=10)
 fig.tight_layout()
