@@ -9,11 +9,11 @@ expert (the phantom expert shown another study's X-ray: no information).
 
 For each seed: `train.py --stage text` (which builds the phantom world, the phantom expert and the SFT warm start
 with that seed), then `--stage visual` from the text checkpoint once per variant (each in runs/seed<S>/<variant>),
-then `eval.py` on every checkpoint with that seed's expert; the per-seed JSON lands in runs/seed<S>/eval.json and a
-results row per checkpoint in runs/results.jsonl. Prints one markdown table: every metric as mean +- std over the
-seeds. Existing checkpoints and evaluations are reused (delete a folder or eval.json to rerun it): seeds may run
-in parallel processes (`--seeds 0`, `--seeds 1`, ...), then one call with all of them prints the table.
-`bench/plot_visual.py runs` draws the visual stage's reward and hallucination curves.
+then `eval.py` on every checkpoint with that seed's expert; the per-seed JSON lands in runs/seed<S>/eval.json (each
+checkpoint evaluated once, later ones merged in) and a results row per checkpoint in runs/results.jsonl. Prints one
+markdown table: every metric as mean +- std over the seeds. Existing checkpoints and evaluations are reused (delete a
+folder, or its entry in eval.json, to rerun it): seeds may run in parallel processes (`--seeds 0`, `--seeds 1`, ...),
+then one call with all of them prints the table. `bench/plot_visual.py runs` draws the visual stage's reward and hallucination curves.
 """
 import argparse
 import json
@@ -59,12 +59,17 @@ for seed in args.seeds:
                                     f"--data={folder / 'phantoms' / 'annotation.json'}",
                                     f"--expert={folder / 'expert' / 'checkpoint'}", *flags.split()], check=True)
         models[name] = run / "visual" / "checkpoint"
-    evaluated = folder / "eval.json"
-    if not evaluated.exists() or not all(str(m) in json.loads(evaluated.read_text())["models"] for m in models.values()):
-        subprocess.run([sys.executable, str(ROOT / "eval.py"), *[f"--model={m}" for m in models.values()],
+    evaluated, fresh = folder / "eval.json", folder / "eval.new.json"  # every checkpoint evaluated so far, the new
+    record = json.loads(evaluated.read_text()) if evaluated.exists() else {"models": {}}
+    missing = [m for m in models.values() if str(m) not in record["models"]]
+    if missing:
+        subprocess.run([sys.executable, str(ROOT / "eval.py"), *[f"--model={m}" for m in missing],
                         "--split=test", f"--data={folder / 'phantoms' / 'annotation.json'}",
-                        f"--json={evaluated}", f"--results={out / 'results.jsonl'}"], check=True)
-    record = json.loads(evaluated.read_text())
+                        f"--json={fresh}", f"--results={out / 'results.jsonl'}"], check=True)
+        new = json.loads(fresh.read_text())
+        record = dict(new, models={**record["models"], **new["models"]})
+        evaluated.write_text(json.dumps(record, indent=1))
+        fresh.unlink()
     for name, model in models.items():
         runs.setdefault(name, []).append(record["models"][str(model)]["metrics"])
 
