@@ -13,7 +13,8 @@ then `eval.py` on every checkpoint with that seed's expert; the per-seed JSON la
 checkpoint evaluated once, later ones merged in) and a results row per checkpoint in runs/results.jsonl. Prints one
 markdown table: every metric as mean +- std over the seeds. Existing checkpoints and evaluations are reused (delete a
 folder, or its entry in eval.json, to rerun it): seeds may run in parallel processes (`--seeds 0`, `--seeds 1`, ...),
-then one call with all of them prints the table. `bench/plot_visual.py runs` draws the visual stage's reward and hallucination curves.
+then one call with all of them prints the table. `bench/plot_visual.py runs` draws the visual stage's reward and
+hallucination curves.
 """
 import argparse
 import json
