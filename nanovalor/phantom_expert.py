@@ -231,8 +231,8 @@ def judge(scorer, studies, seed=0, group_size=8, pool=200) -> dict:
     Each study's group is its own report and group_size - 1 near misses written afresh for its findings with one
     removed, added or swapped (near_miss). spearman: the within-group Spearman correlation of the scores with
     correctness() against the study's true labels, averaged over groups where correctness varies (a group the
-    scorer leaves all tied counts 0); spearman_labels: the same with correctness(synonyms=False); true_first: how often the own report scores highest (ties share);
-    top1_200: how often, among the first `pool` studies, an X-ray's own report scores highest of their `pool`
+    scorer leaves all tied counts 0); spearman_labels: the same with correctness(synonyms=False); true_first: how
+    often the own report scores highest (ties share); top1_200: how often, among the first `pool` studies, an X-ray's own report scores highest of their `pool`
     reports. Chance levels and the ceiling of top1 (reports of the same findings are interchangeable: a perfect
     judge picks among them at random) come with them. Deterministic given seed."""
     rng = np.random.default_rng(seed)
@@ -375,7 +375,8 @@ def main(argv=None):
     p.add_argument("--world", default="out/phantoms", help="a phantom world folder (phantoms.generate)")
     p.add_argument("--out", default="out/expert/checkpoint")
     for name, default in (("steps", STEPS), ("batch_size", BATCH_SIZE), ("lr", LR), ("warmup", WARMUP),
-                          ("negatives", NEGATIVES), ("weight_decay", 0.05), ("seed", 0), ("world_seed", 0), ("log_every", 100)):
+                          ("negatives", NEGATIVES), ("weight_decay", 0.05), ("seed", 0), ("world_seed", 0),
+                          ("log_every", 100)):
         p.add_argument(f"--{name}", type=type(default), default=default)
     args = vars(p.parse_args(argv))
     train(args.pop("world"), args.pop("out"), **args)
