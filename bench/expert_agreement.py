@@ -67,4 +67,5 @@ for name, score in (("expert cosine (visual reward)", sim), ("text reward", text
     rho, groups = agreement(score, clinical)
     print(f"{name:<32} vs clinical reward: mean within-group Spearman {rho:+.3f} over {groups} groups")
 print(f"expert cosine: reference reports {own.mean():.4f}, sampled reports {sim.mean():.4f}; "
-      f"share of groups where the reference outscores every sample: {float((own[:, None] > sim).all(1).float().mean()):.3f}")
+      "share of groups where the reference outscores every sample: "
+      f"{float((own[:, None] > sim).all(1).float().mean()):.3f}")

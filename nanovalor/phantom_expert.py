@@ -232,9 +232,10 @@ def judge(scorer, studies, seed=0, group_size=8, pool=200) -> dict:
     removed, added or swapped (near_miss). spearman: the within-group Spearman correlation of the scores with
     correctness() against the study's true labels, averaged over groups where correctness varies (a group the
     scorer leaves all tied counts 0); spearman_labels: the same with correctness(synonyms=False); true_first: how
-    often the own report scores highest (ties share); top1_200: how often, among the first `pool` studies, an X-ray's own report scores highest of their `pool`
-    reports. Chance levels and the ceiling of top1 (reports of the same findings are interchangeable: a perfect
-    judge picks among them at random) come with them. Deterministic given seed."""
+    often the own report scores highest (ties share); top1_200: how often, among the first `pool` studies, an
+    X-ray's own report scores highest of their `pool` reports. Chance levels and the ceiling of top1 (reports of the
+    same findings are interchangeable: a perfect judge picks among them at random) come with them. Deterministic
+    given seed."""
     rng = np.random.default_rng(seed)
     groups, correct = [], []
     for s in studies:

@@ -171,7 +171,8 @@ def test_chat_prompt_matches_the_qwen_processor(models, batch, monkeypatch):
                                   padding_side="left")
     processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessorPil(**PIXELS), tokenizer=tok,
                                     video_processor=None, chat_template=CHAT_TEMPLATE)
-    texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+    texts = [processor.apply_chat_template([{"role": "user",
+                                             "content": [{"type": "image"}, {"type": "text", "text": q}]}],
                                            add_generation_prompt=True) for q in QUESTIONS]
     ref = processor(text=texts, images=pictures(), return_tensors="pt", padding=True)
     assert torch.equal(ids, ref["input_ids"]) and torch.equal(mask, ref["attention_mask"])
@@ -354,7 +355,8 @@ BAD = {
         mrope_section=[2, 3, 2])), r"mrope_section \[2, 3, 2\] must sum to head_dim / 2 = 8"),
     "sliding window": (lambda f: edit_config(f, lambda c: c["text_config"].update(use_sliding_window=True)),
                        "no sliding window"),
-    "preprocessor": (lambda f: (f / "preprocessor_config.json").write_text(json.dumps({**PREPROCESSOR, "patch_size": 16})),
+    "preprocessor": (lambda f: (f / "preprocessor_config.json").write_text(
+                         json.dumps({**PREPROCESSOR, "patch_size": 16})),
                      r"preprocessor_config.json: \{'patch_size': 16\} do not fit the ViT"),
 }
 
@@ -382,8 +384,10 @@ def test_visual_stage_moves_only_the_merger(tmp_path):
     phantoms.generate(tmp_path / "phantoms", 8, 4, 4, seed=0, progress=False)  # the phantom world and its expert
     phantom_expert.train(tmp_path / "phantoms", tmp_path / "expert" / "checkpoint", steps=1, batch_size=4, warmup=1)
     build(tmp_path / "qwen", seed=4)
-    train.main(train.Config(stage="visual", model=str(tmp_path / "qwen"), expert=str(tmp_path / "expert" / "checkpoint"),
-                            data=str(tmp_path / "phantoms" / "annotation.json"), steps=1, batch_size=2, lr=1e-2, **tiny))
+    train.main(train.Config(stage="visual", model=str(tmp_path / "qwen"),
+                            expert=str(tmp_path / "expert" / "checkpoint"),
+                            data=str(tmp_path / "phantoms" / "annotation.json"), steps=1, batch_size=2, lr=1e-2,
+                            **tiny))
     before = load_file(tmp_path / "qwen" / "model.safetensors")
     after = load_file(tmp_path / "visual" / "checkpoint" / "model.safetensors")
     assert before.keys() == after.keys()
