@@ -47,7 +47,7 @@ class Config:
     image_root: str = ""  # "": images/ next to the annotation file
     skip_bad: bool = False  # skip (and count) studies whose images are missing or unreadable, instead of stopping
     expert: str = ""  # the frozen expert (folder, hub id); "": out/expert/checkpoint; phantom-only controls: "oracle"
-    # (the labels our labeler reads vs the study's true findings), "null" (the phantom expert, another X-ray)
+    # (labels read vs the study's true findings), "oracle_strict" (false findings count twice), "null" (another X-ray)
     chexbert: str = ""  # CheXbert's chexbert.pth (bert-base-uncased's vocab.txt beside it): --rewards chexbert=W
     train: str = ""  # what trains: "" = the stage's default, or "all" / comma-separated names from TRAINABLE
     resume: bool = False  # continue out/<stage>/checkpoint exactly
@@ -146,7 +146,7 @@ def check(cfg, world):
     if cfg.stage == "sft" and not cfg.model and not (Path(cfg.data).parent / "tokenizer.json").exists():
         problems.append("--stage sft without --model builds the phantom world's tiny policy: give --model for "
                         f"{cfg.data or 'your data'}")
-    if cfg.expert in ("oracle", "null") and cfg.stage != "visual":
+    if cfg.expert in phantom_expert.CONTROLS and cfg.stage != "visual":
         problems.append(f"--expert={cfg.expert} is a control of the visual stage's reward (phantom world only)")
     if cfg.stage == "visual" and not cfg.expert:
         problems.append("the visual stage needs --expert (microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224)")
@@ -423,7 +423,7 @@ def bootstrap(cfg):
         if rank == 0:
             phantoms.generate(world, cfg.phantom_train, cfg.phantom_val, cfg.phantom_test, seed=0)
         dist.barrier()
-    if cfg.stage == "expert" or (not expert.exists() and cfg.expert in ("", "null", "oracle")):
+    if cfg.stage == "expert" or (not expert.exists() and cfg.expert in ("",) + phantom_expert.CONTROLS):
         print0(f"2. training the phantom world's expert into {expert}")
         if rank == 0:
             phantom_expert.train(world, expert, seed=cfg.seed, **({"steps": cfg.steps} if cfg.steps else {}))

@@ -71,14 +71,16 @@ def observations(labels) -> set:
     return positive - {LUNG_OPACITY, PNEUMONIA}
 
 
-def correctness(truth, labels, synonyms=True) -> float:
+def correctness(truth, labels, synonyms=True, false_weight=1) -> float:
     """(|P & P'| + 1) / (|P | P'| + 1): P the findings of the study's true labels, P' those of a report's (14-label
     vectors). 1 for the same findings (normal included), 1/2 for one finding missed or added to a normal study.
     synonyms=True reads findings with observations(); False takes the positive labels among the 13 as they are
-    (a consolidation written as an opacity then differs from one written as a consolidation)."""
+    (a consolidation written as an opacity then differs from one written as a consolidation). false_weight: each
+    stated finding the study lacks counts this many times in the denominator (2: 1/3 for one added to a normal
+    study, still 1/2 for one missed), a judge stricter about hallucinations than about omissions."""
     read = observations if synonyms else (lambda v: {k for k in range(13) if v[k] == 1.0})
     p, q = read(truth), read(labels)
-    return (len(p & q) + 1) / (len(p | q) + 1)
+    return (len(p & q) + 1) / (len(p | q) + (false_weight - 1) * len(q - p) + 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -304,9 +306,11 @@ class Oracle:
     labeler reads from it against the true labels of the study whose X-ray it is scored with. The phantom world's
     X-rays are all distinct, so the true labels are looked up by the image's pixels.
 
-    studies: data.Study list (their first image and labels), e.g. every split of the world."""
+    studies: data.Study list (their first image and labels), e.g. every split of the world. false_weight:
+    correctness()'s (2: the strict oracle, "oracle_strict")."""
 
-    def __init__(self, studies):
+    def __init__(self, studies, false_weight=1):
+        self.false_weight = false_weight
         self.labels = {_digest(s.images[0]): s.labels for s in studies}
         if any(labels is None for labels in self.labels.values()):
             raise ValueError("Oracle: every study needs its true labels (a phantom world's annotation.json)")
@@ -322,8 +326,8 @@ class Oracle:
             truth.append(self.labels[key])
         read = label_reports([r for group in reports for r in group])
         G = len(reports[0]) if reports else 0
-        return torch.tensor([[correctness(t, read[b * G + g]) for g in range(G)] for b, t in enumerate(truth)],
-                            dtype=torch.float32).view(len(reports), G)
+        return torch.tensor([[correctness(t, read[b * G + g], false_weight=self.false_weight) for g in range(G)]
+                             for b, t in enumerate(truth)], dtype=torch.float32).view(len(reports), G)
 
 
 class Null:
@@ -352,20 +356,25 @@ class Null:
         return self.expert.similarity(others, reports)
 
 
+CONTROLS = ("oracle", "oracle_strict", "null")  # the --expert values that are phantom-only controls
+
+
 def judge_and_expert(spec, data, studies, seed=0, device="cpu"):
     """train.py's (judge, expert): the visual stage's reward and the expert of evaluation's similarity column (and of
     the phantom SFT policy's ViT). spec: an expert folder or hub id (both are that expert), "" (no expert), or a
-    PHANTOM-ONLY control: "oracle" (Oracle over every split of the world in `data`) or "null" (Null over `studies`,
-    the training split), each beside the phantom expert in <out>/expert/checkpoint (the world is <out>/phantoms)."""
+    PHANTOM-ONLY control: "oracle" (Oracle over every split of the world in `data`), "oracle_strict" (the same with
+    false_weight 2) or "null" (Null over `studies`, the training split), each beside the phantom expert in
+    <out>/expert/checkpoint (the world is <out>/phantoms)."""
     from nanovalor.config import checked
     from nanovalor.expert import load
-    if spec not in ("oracle", "null"):
+    if spec not in CONTROLS:
         expert = checked(load, spec, device) if spec else None
         return expert, expert
     phantom = Path(data).parent.parent / "expert" / "checkpoint"
     expert = checked(load, phantom, device) if phantom.exists() else None
-    if spec == "oracle":
-        return Oracle([s for split in ("train", "val", "test") for s in read_dataset(data, split)]), expert
+    if spec.startswith("oracle"):
+        studies = [s for split in ("train", "val", "test") for s in read_dataset(data, split)]
+        return Oracle(studies, false_weight=2 if spec == "oracle_strict" else 1), expert
     if expert is None:
         raise SystemExit(f"error: --expert=null scores with the phantom expert, and {phantom} is missing")
     return Null(expert, studies, seed), expert

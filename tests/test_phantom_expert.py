@@ -52,6 +52,15 @@ def test_near_misses_change_one_finding_and_correctness_follows():
     normal = write_report({}, np.random.default_rng(2))[1]
     assert pe.correctness(truth, truth) == 1.0 and pe.correctness(normal, normal) == 1.0
     assert pe.correctness(truth, normal) == 0.5  # (0 + 1) / (1 + 1)
+    # the strict judge (false_weight 2): an added finding costs more than a missed one, the rest is unchanged
+    rng = np.random.default_rng(3)
+    both = write_report({"cardiomegaly": {"grade": "mild", "amount": 0.56},
+                         "effusion": phantoms.sample_finding("effusion", rng)}, rng)[1]
+    assert pe.correctness(truth, normal, false_weight=2) == 0.5  # missed: (0 + 1) / (1 + 0 + 1)
+    assert pe.correctness(normal, truth, false_weight=2) == pytest.approx(1 / 3)  # added: (0 + 1) / (1 + 1 + 1)
+    assert pe.correctness(truth, both) == pytest.approx(2 / 3)  # (1 + 1) / (2 + 1)
+    assert pe.correctness(truth, both, false_weight=2) == 0.5  # (1 + 1) / (2 + 1 + 1)
+    assert pe.correctness(truth, truth, false_weight=2) == 1.0
 
 
 def test_observations_read_each_finding_once_whatever_the_phrasing():
@@ -98,6 +107,11 @@ def test_oracle_prefers_the_true_findings_and_knows_only_its_world(world):
         misses = [write_report(pe.near_miss(s["findings"], rng), rng)[0] for _ in range(5)]
         scores = oracle.similarity([test[studies.index(s)].images[0]], [misses + [rewritten]])  # (1, 6), a path
         assert scores.shape == (1, 6) and scores[0, -1] == 1.0 and (scores[0, :-1] < 1.0).all(), scores
+    strict = pe.Oracle(test, false_weight=2)  # the strict oracle: 1/3 where the oracle says 1/2 for an added finding
+    normal, one = write_report({}, rng)[0], write_report({"cardiomegaly": {"grade": "mild", "amount": 0.56}}, rng)[0]
+    image = test[[s["findings"] for s in studies].index({})].images[0]  # a normal study's X-ray
+    assert oracle.similarity([image], [[normal, one]]).tolist() == [[1.0, 0.5]]
+    assert strict.similarity([image], [[normal, one]]) == pytest.approx(torch.tensor([[1.0, 1 / 3]]))
     other = phantoms.make_study(0, "train", 0)["image"]  # a study the oracle was not built from
     with pytest.raises(KeyError, match="phantom world"):
         oracle.similarity([other], [["No pneumothorax."]])
