@@ -46,6 +46,10 @@ def folder_name(name):
 
 
 out = Path(args.out)
+out.mkdir(parents=True, exist_ok=True)
+names = out / "variants.json"  # run folder -> variant name, for bench/plot_visual.py's legend
+known = json.loads(names.read_text()) if names.exists() else {}
+names.write_text(json.dumps({**known, **{folder_name(name): name for name in variants}}, indent=1))
 runs = {}
 for seed in args.seeds:
     folder = out / f"seed{seed}"

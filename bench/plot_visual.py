@@ -3,7 +3,7 @@ null, ...), the stage's reward, the clinical reward, hallucination and omission 
 references (every step), and the held-out validation hallucination (every eval_every steps); mean over seeds, one
 line each.
 
-    python bench/plot_visual.py runs --out docs/visual_stage.png
+    python bench/plot_visual.py runs --out docs/visual_stage.png [--only expert oracle null "strict oracle"]
 
 matplotlib is a bench-only dependency (requirements-dev.txt).
 """
@@ -22,14 +22,20 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("runs", help="the --out folder of bench/phantom_results.py")
 parser.add_argument("--out", default="docs/visual_stage.png")
 parser.add_argument("--smooth", type=int, default=5, help="moving average over this many steps")
+parser.add_argument("--only", nargs="+", help="the variants to draw, e.g. expert oracle null (default: all)")
 args = parser.parse_args()
 
 curves = defaultdict(lambda: defaultdict(list))  # variant -> series -> [per-seed arrays]
+names = Path(args.runs) / "variants.json"  # run folder -> variant name (bench/phantom_results.py writes it)
+names = json.loads(names.read_text()) if names.exists() else {}
 for log in sorted(Path(args.runs).glob("seed*/*/visual/metrics.jsonl")):
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     steps = [r for r in rows if "reward" in r]
     val = [r for r in rows if "val" in r]
-    variant = log.parent.parent.name.removeprefix("text___visual__").replace("__", ", ").replace("_", " ")
+    folder = log.parent.parent.name
+    variant = names.get(folder, folder).removeprefix("+ text + visual (").removesuffix(")")
+    if args.only and variant not in args.only:
+        continue
     for key in ("reward", "clinical", "hallucination", "omission"):
         curves[variant][key].append(np.array([r[key] for r in steps]))
     if val:
