@@ -219,8 +219,8 @@ def worker(folder):
                 sharded_ref, plain_ref = reference_model(model), reference_model(plain)
                 for step in range(2):
                     kl = grpo_step(model, scorer, sharded_ref, 2, step)
-                    expected = grpo_step(plain, CompletionLogprobs(plain), plain_ref, 1, step)
-                    assert kl == pytest.approx(expected, rel=1e-4)
+                    single = grpo_step(plain, CompletionLogprobs(plain), plain_ref, 1, step)
+                    assert kl == pytest.approx(single, rel=1e-4)
                     assert (kl > 1e-6) == (step == 1), kl
                 after = plain.state_dict()
                 for name, p in model.state_dict(keep_vars=True).items():
