@@ -273,11 +273,24 @@ def worker_ours(args, folder, prompts):
     say(peak=_status_mib("VmHWM"), threads=torch.get_num_threads())
 
 
+def trl_config(args, folder, B, G, N, **extra):
+    """TRL's GRPOConfig for the step ours takes: B prompts x G completions of N tokens in one optimizer step, the
+    DAPO token mean, group z-scores, one pass, beta, clip 0.2, AdamW at a constant lr, fp32 on CPU, no logging."""
+    from trl import GRPOConfig
+    return GRPOConfig(
+        output_dir=str(folder / "trl"), use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
+        logging_steps=10 ** 6, seed=0, max_steps=10 ** 6, per_device_train_batch_size=B * G,
+        gradient_accumulation_steps=1, num_generations=G, max_completion_length=N, temperature=1.0, top_k=0,
+        top_p=1.0, beta=args.beta, epsilon=0.2, loss_type="dapo", scale_rewards="group", num_iterations=1,
+        learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch", weight_decay=0.0,
+        max_grad_norm=1.0, bf16=False, activation_checkpointing=False, **extra)
+
+
 def worker_trl(args, folder, prompts):
     import torch
     from datasets import Dataset
     from transformers import PreTrainedTokenizerFast, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     B, G, N = args.prompts, args.group, args.new_tokens
     work = {"completions": 0, "tokens": 0, "prompt_tokens": 0}
@@ -322,13 +335,7 @@ def worker_trl(args, folder, prompts):
             self.t0, self.c0 = time.perf_counter(), time.process_time()
             return control
 
-    config = GRPOConfig(
-        output_dir=str(folder / "trl"), use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
-        logging_steps=10 ** 6, seed=0, max_steps=10 ** 6, per_device_train_batch_size=B * G,
-        gradient_accumulation_steps=1, num_generations=G, max_completion_length=N, temperature=1.0, top_k=0,
-        top_p=1.0, beta=args.beta, epsilon=0.2, loss_type="dapo", scale_rewards="group", num_iterations=1,
-        learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch", weight_decay=0.0,
-        max_grad_norm=1.0, bf16=False, activation_checkpointing=False, **extra)
+    config = trl_config(args, folder, B, G, N, **extra)
     lockstep = Lockstep()
     trainer = GRPOTrainer(model=model, reward_funcs=distinct_words, args=config, processing_class=processing_class,
                           train_dataset=Dataset.from_dict(data), callbacks=[lockstep])

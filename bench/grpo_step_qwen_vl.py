@@ -30,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from grpo_step import NEVER, compare, memory_mark, receive, reward, say, send  # noqa: E402  (bench/ is on sys.path)
+from grpo_step import NEVER, compare, memory_mark, receive, reward, say, send, trl_config  # noqa: E402  (bench/ is on sys.path)
 
 QUESTION = "Describe the findings of the chest X-ray."
 PIXELS = dict(min_pixels=56 * 56, max_pixels=224 * 224)  # a 224 x 224 image stays as it is: 16 x 16 patches
@@ -137,7 +137,7 @@ def worker_trl(args, folder):
     from transformers import PreTrainedTokenizerFast, Qwen2_5_VLProcessor, TrainerCallback
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from transformers.processing_utils import ProcessorMixin
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     sys.path.insert(0, str(ROOT / "tests"))
     from test_qwen_vl import CHAT_TEMPLATE  # Qwen2.5-VL's chat template, as the tests keep it
@@ -175,13 +175,7 @@ def worker_trl(args, folder):
             self.t0, self.c0 = time.perf_counter(), time.process_time()
             return control
 
-    config = GRPOConfig(
-        output_dir=str(folder / "trl"), use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
-        logging_steps=10 ** 6, seed=0, max_steps=10 ** 6, per_device_train_batch_size=B * G,
-        gradient_accumulation_steps=1, num_generations=G, max_completion_length=N, temperature=1.0, top_k=0,
-        top_p=1.0, beta=args.beta, epsilon=0.2, loss_type="dapo", scale_rewards="group", num_iterations=1,
-        learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch", weight_decay=0.0,
-        max_grad_norm=1.0, bf16=False, activation_checkpointing=False, shuffle_dataset=False)
+    config = trl_config(args, folder, B, G, N, shuffle_dataset=False)
     lockstep = Lockstep()
     dataset = Dataset.from_dict({"prompt": [messages] * len(images), "image": images})
     trainer = GRPOTrainer(model=str(folder), reward_funcs=distinct_words, args=config, processing_class=processor,
