@@ -101,8 +101,7 @@ def load_studies(annotation, split, world_seed=0, n=None) -> list[dict]:
                              "seed the world was generated with (train.py uses 0)")
         with Image.open(s.images[0]) as image:
             pixels = np.asarray(image.convert("L"))  # (S, S) uint8
-        out.append({"id": s.id, "image": pixels, "report": s.report, "labels": s.labels,
-                    "findings": made["findings"], "patient": phantoms.make_patient(world_seed, split_name, int(index))})
+        out.append({"id": s.id, "image": pixels, "report": s.report, "labels": s.labels, "findings": made["findings"]})
     return out
 
 
@@ -373,8 +372,8 @@ def judge_and_expert(spec, data, studies, seed=0, device="cpu"):
     phantom = Path(data).parent.parent / "expert" / "checkpoint"
     expert = checked(load, phantom, device) if phantom.exists() else None
     if spec.startswith("oracle"):
-        studies = [s for split in ("train", "val", "test") for s in read_dataset(data, split)]
-        return Oracle(studies, false_weight=2 if spec == "oracle_strict" else 1), expert
+        every = [s for split in ("train", "val", "test") for s in read_dataset(data, split)]
+        return Oracle(every, false_weight=2 if spec == "oracle_strict" else 1), expert
     if expert is None:
         raise SystemExit(f"error: --expert=null scores with the phantom expert, and {phantom} is missing")
     return Null(expert, studies, seed), expert
