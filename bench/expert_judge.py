@@ -23,7 +23,8 @@ from nanovalor import phantom_expert  # noqa: E402
 from nanovalor.data import read_dataset  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-parser.add_argument("--expert", default="out/expert/checkpoint", help="a folder or hub id, or oracle / oracle_strict / null")
+parser.add_argument("--expert", default="out/expert/checkpoint",
+                    help="a folder or hub id, or a control: " + " / ".join(phantom_expert.CONTROLS))
 parser.add_argument("--null_of", default="out/expert/checkpoint", help="the expert the null control wraps")
 parser.add_argument("--data", default="out/phantoms/annotation.json")
 parser.add_argument("--split", default="test")
@@ -36,9 +37,8 @@ args = parser.parse_args()
 if args.threads:
     torch.set_num_threads(args.threads)
 studies = phantom_expert.load_studies(args.data, args.split, args.world_seed, args.n)
-if args.expert.startswith("oracle"):
-    scorer = phantom_expert.Oracle(read_dataset(args.data, args.split)[:args.n],
-                                   false_weight=2 if args.expert == "oracle_strict" else 1)
+if args.expert in phantom_expert.ORACLES:
+    scorer = phantom_expert.Oracle(read_dataset(args.data, args.split)[:args.n], phantom_expert.ORACLES[args.expert])
 elif args.expert == "null":
     scorer = phantom_expert.Null(experts.load(args.null_of), read_dataset(args.data, "train"), args.seed)
 else:

@@ -355,7 +355,8 @@ class Null:
         return self.expert.similarity(others, reports)
 
 
-CONTROLS = ("oracle", "oracle_strict", "null")  # the --expert values that are phantom-only controls
+ORACLES = {"oracle": 1, "oracle_strict": 2}  # --expert value -> the Oracle's false_weight
+CONTROLS = (*ORACLES, "null")  # the --expert values that are phantom-only controls
 
 
 def judge_and_expert(spec, data, studies, seed=0, device="cpu"):
@@ -371,9 +372,9 @@ def judge_and_expert(spec, data, studies, seed=0, device="cpu"):
         return expert, expert
     phantom = Path(data).parent.parent / "expert" / "checkpoint"
     expert = checked(load, phantom, device) if phantom.exists() else None
-    if spec.startswith("oracle"):
+    if spec in ORACLES:
         every = [s for split in ("train", "val", "test") for s in read_dataset(data, split)]
-        return Oracle(every, false_weight=2 if spec == "oracle_strict" else 1), expert
+        return Oracle(every, ORACLES[spec]), expert
     if expert is None:
         raise SystemExit(f"error: --expert=null scores with the phantom expert, and {phantom} is missing")
     return Null(expert, studies, seed), expert
