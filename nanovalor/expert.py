@@ -353,8 +353,12 @@ def load(path_or_repo_id, device="cpu"):
                          f"{cfg.vision.image_size} px")
     with torch.device("meta"):  # no random init: every tensor comes from the checkpoint
         expert = Expert(cfg, tokenizer, proc)  # proc None: OpenAI CLIP's processing
-    load_checked(expert, {k: v for k, v in sd.items() if not IGNORED.match(k)}, source, cast=torch.Tensor.float)
+    load_checked(expert, {k: v for k, v in sd.items() if not IGNORED.match(k)}, source, cast=_float)
     return expert.to(device).eval()
+
+
+def _float(t):  # weights to float32; integer buffers (a BatchNorm's num_batches_tracked) as they are
+    return t.float() if t.is_floating_point() else t
 
 
 def save(expert, folder):

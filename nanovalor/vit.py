@@ -32,6 +32,13 @@ class VisionConfig:
     pre_norm: bool = True  # CLIP applies a LayerNorm to the embeddings before the first block
     patch_bias: bool = False  # the patch-embedding convolution has a bias in SigLIP and timm
     num_channels: int = 3
+    # Early convolutions (Xiao et al. 2021, arXiv 2106.14881): channel widths of 3x3 stride-2 convolutions, each with
+    # BatchNorm and GELU, run before the patch embedding, which then takes patches of patch_size / 2^len pixels of
+    # their output. () = the plain ViT that CLIP, SigLIP and timm checkpoints hold.
+    conv_stem: tuple = ()
+
+    def __post_init__(self):
+        self.conv_stem = tuple(self.conv_stem)  # a JSON list once saved
 
     @property
     def num_patches(self):
@@ -61,13 +68,23 @@ def vision_config_from_hf(d, where="vision_config"):
 class VisionEmbeddings(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size,
-                                         bias=cfg.patch_bias)
+        widths, layers = (cfg.num_channels, *cfg.conv_stem), []
+        for a, b in zip(widths[:-1], widths[1:]):
+            layers += [nn.Conv2d(a, b, 3, 2, 1, bias=False), nn.BatchNorm2d(b), nn.GELU()]
+        self.stem = nn.Sequential(*layers) if layers else None
+        step = cfg.patch_size >> len(cfg.conv_stem)  # the patch size left after the stem's strides
+        if step << len(cfg.conv_stem) != cfg.patch_size or step < 1:
+            raise ValueError(f"VisionConfig: patch_size {cfg.patch_size} is not divisible by the conv stem's stride "
+                             f"2^{len(cfg.conv_stem)}")
+        self.patch_embedding = nn.Conv2d(widths[-1], cfg.hidden_size, step, step, bias=cfg.patch_bias)
         self.class_embedding = nn.Parameter(torch.zeros(cfg.hidden_size)) if cfg.class_token else None
         self.position_embedding = nn.Embedding(cfg.num_patches + cfg.class_token, cfg.hidden_size)
 
     def forward(self, pixel_values):
-        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, D, H/p, W/p)
+        x = pixel_values.to(self.patch_embedding.weight.dtype)  # (B, C, H, W)
+        if self.stem is not None:
+            x = self.stem(x)  # (B, C', H / 2^k, W / 2^k)
+        x = self.patch_embedding(x)  # (B, D, H/p, W/p)
         x = x.flatten(2).transpose(1, 2)  # (B, P, D), patches in row-major order
         if self.class_embedding is not None:
             x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], dim=1)  # (B, 1+P, D)
