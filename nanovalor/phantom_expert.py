@@ -156,10 +156,11 @@ def encode_texts(expert, ids, mask, chunks=4):
 
 
 def train(world, out, steps=STEPS, batch_size=BATCH_SIZE, lr=LR, warmup=WARMUP, negatives=NEGATIVES,
-          weight_decay=0.05, seed=0, world_seed=0, log_every=100, n=None, expert=None):
+          weight_decay=0.05, seed=0, world_seed=0, log_every=100, n=None, expert=None, conv_stem=()):
     """Train phantoms.tiny_expert on the training split of the phantom world in folder `world` (its first n
     studies; all by default), save it to `out` (expert.save, atomic) and return it. AdamW with a linear warmup and
-    a cosine decay; each step a batch of studies, each with `negatives` hard negative reports drawn afresh."""
+    a cosine decay; each step a batch of studies, each with `negatives` hard negative reports drawn afresh.
+    conv_stem: early convolutions in the expert's ViT (phantoms.tiny_expert): a better judge, not a policy's ViT."""
     world = Path(world)
     t0 = time.time()
     studies = load_studies(world / "annotation.json", "train", world_seed, n)
@@ -168,7 +169,7 @@ def train(world, out, steps=STEPS, batch_size=BATCH_SIZE, lr=LR, warmup=WARMUP, 
     images = torch.from_numpy(np.stack([s["image"] for s in studies]))  # (N, S, S) uint8, all in memory
     print(f"expert: {len(studies)} training studies loaded in {time.time() - t0:.1f}s", flush=True)
     torch.manual_seed(seed)
-    expert = (expert or phantoms.tiny_expert(world)).train()
+    expert = (expert or phantoms.tiny_expert(world, conv_stem)).train()
     table = pixel_table(expert.processing)
     decay = [p for p in expert.parameters() if p.dim() >= 2]  # matrices decay; norms, biases, the scale do not
     rest = [p for p in expert.parameters() if p.dim() < 2]
@@ -388,7 +389,10 @@ def main(argv=None):
                           ("negatives", NEGATIVES), ("weight_decay", 0.05), ("seed", 0), ("world_seed", 0),
                           ("log_every", 100)):
         p.add_argument(f"--{name}", type=type(default), default=default)
+    p.add_argument("--conv_stem", default="", help="channel widths of early convolutions in the ViT, e.g. 24,48,96 "
+                   "(a better judge; its ViT cannot seed the llava-hf policy)")
     args = vars(p.parse_args(argv))
+    args["conv_stem"] = tuple(int(c) for c in args["conv_stem"].split(",") if c.strip())
     train(args.pop("world"), args.pop("out"), **args)
 
 

@@ -23,6 +23,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -465,6 +466,9 @@ def tiny_policy(folder, vision_tower=None):
     """A fresh 2.5M-parameter LLaVA for the phantom world in `folder` (its tokenizer.json sets the vocabulary): the
     phantom ViT, the mlp2x_gelu projector and a 4-block Llama decoder (GQA). As LLaVA starts from a contrastively
     trained CLIP ViT, give `vision_tower` (a trained phantom expert's `visual`) to copy its weights in."""
+    if vision_tower is not None and vision_tower.cfg.conv_stem:
+        raise ValueError("tiny_policy: the expert's ViT has a conv stem, which a llava-hf checkpoint cannot hold: "
+                         "the phantom policy starts from an expert trained without --conv_stem")
     from tokenizers import Tokenizer
 
     from nanovalor.policy import DecoderConfig, Llava, LlavaConfig
@@ -480,9 +484,10 @@ def tiny_policy(folder, vision_tower=None):
     return model
 
 
-def tiny_expert(folder):
+def tiny_expert(folder, conv_stem=()):
     """A fresh CLIP-style expert for the phantom world: the phantom ViT and a 3-block BERT over the world's BPE
-    tokens (<s> report </s>, pooled at <s>), 64-d joint space."""
+    tokens (<s> report </s>, pooled at <s>), 64-d joint space. conv_stem: the ViT's early convolutions (vit.py;
+    e.g. (24, 48, 96)); such an expert judges better but its ViT cannot seed the llava-hf policy (tiny_policy)."""
     from tokenizers import Tokenizer, processors
 
     from nanovalor.data import read_preprocessor_config
@@ -494,7 +499,8 @@ def tiny_expert(folder):
     tokenizer = finish_tokenizer(tokenizer, folder, 128, "<pad>")  # truncated to 128 tokens, padded with <pad> = 3
     text = BertConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=96, num_layers=3, num_heads=4,
                       intermediate_size=384, max_position_embeddings=128, pad_token_id=3)
-    return Expert(ExpertConfig(vision=_vision(), text=text, embed_dim=64, context_length=128), tokenizer,
+    vision = replace(_vision(), conv_stem=tuple(conv_stem))
+    return Expert(ExpertConfig(vision=vision, text=text, embed_dim=64, context_length=128), tokenizer,
                   read_preprocessor_config(PREPROCESSOR))
 
 

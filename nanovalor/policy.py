@@ -210,6 +210,8 @@ def config_to_hf(cfg: LlavaConfig):
     if (BIASES[t.model_type] or (t.o_bias, t.o_bias)) != (t.qkv_bias, t.o_bias) or v.pre_norm != v.class_token:
         raise ValueError(f"HF llava cannot express this model (q/k/v bias {t.qkv_bias}, o bias {t.o_bias} in a "
                          f"{t.model_type}; a ViT with class token {v.class_token} and pre-norm {v.pre_norm})")
+    if v.conv_stem:
+        raise ValueError(f"HF llava cannot express a ViT with a conv stem ({v.conv_stem})")
     text = dict(model_type=t.model_type, vocab_size=t.vocab_size, hidden_size=t.hidden_size,
                 intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
                 num_key_value_heads=t.num_kv_heads, head_dim=t.head_dim, rms_norm_eps=t.rms_norm_eps, hidden_act="silu",

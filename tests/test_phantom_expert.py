@@ -142,6 +142,27 @@ def test_training_a_few_steps_saves_a_loadable_expert(world, tmp_path):
     assert not torch.equal(fresh.visual_projection.weight, loaded.visual_projection.weight)  # it trained
 
 
+def test_an_expert_with_a_conv_stem_trains_saves_and_loads_but_cannot_seed_the_policy(world, tmp_path):
+    from nanovalor.policy import config_to_hf
+    trained = pe.train(world, tmp_path / "expert", steps=2, batch_size=4, negatives=1, warmup=1, conv_stem=(8, 16))
+    loaded = load(tmp_path / "expert")
+    assert loaded.cfg.vision.conv_stem == (8, 16) and not loaded.training
+    stats = dict(loaded.visual.named_buffers())
+    assert stats["embeddings.stem.1.num_batches_tracked"].dtype == torch.int64  # not cast to float on loading
+    assert int(stats["embeddings.stem.1.num_batches_tracked"]) == 2  # two training steps moved the statistics
+    torch.testing.assert_close(stats["embeddings.stem.4.running_var"],
+                               dict(trained.visual.named_buffers())["embeddings.stem.4.running_var"], rtol=0, atol=0)
+    studies = pe.load_studies(world / "annotation.json", "test")[:2]
+    images, groups = [pe._image(s["image"]) for s in studies], [[s["report"] for s in studies]] * 2
+    torch.testing.assert_close(loaded.similarity(images, groups), trained.similarity(images, groups))
+    with pytest.raises(ValueError, match="conv stem"):  # llava-hf has no place for it
+        phantoms.tiny_policy(world, loaded.visual)
+    policy = phantoms.tiny_policy(world)
+    policy.cfg.vision.conv_stem = (8, 16)
+    with pytest.raises(ValueError, match="conv stem"):
+        config_to_hf(policy.cfg)
+
+
 def test_fast_pixels_equal_preprocess(world):
     from nanovalor.data import load_image, preprocess
     expert = phantoms.tiny_expert(world)
